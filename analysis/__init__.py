@@ -1,0 +1,1 @@
+"""tokenscope's analysis layer: models, the reduction engine, methods and measures. Never imports Streamlit."""

@@ -1,0 +1,363 @@
+"""Models, weights, images and preprocessing.
+
+Everything that turns a model name, a weights choice and an image file into a ready model and an
+input tensor lives here. The reduction engine (`analysis.engine`) never loads anything itself.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import timm
+import timm.data
+
+# Offered in the app and accepted by the CLI (any timm ViT with a class token also works in the CLI).
+MODEL_CHOICES: tuple[str, ...] = (
+    "deit_small_patch16_224",
+    "deit_tiny_patch16_224",
+    "deit_base_patch16_224",
+    "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "deit3_small_patch16_224.fb_in1k",
+)
+DEFAULT_MODEL = "deit_small_patch16_224"
+PAPER_CROP_PCT = 0.875  # DeiT / EViT / ToMe evaluate with Resize(256) -> CenterCrop(224)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+class TokenscopeError(Exception):
+    """Base class of every error tokenscope reports to a user as one line (CLI exit 2, app st.error)."""
+
+
+class ImageLoadError(TokenscopeError):
+    """An image file is missing, empty, corrupt, not an image, or over PIL's decompression-bomb limit."""
+
+
+class WeightsError(TokenscopeError):
+    """Weights cannot be obtained (no network and no cache) or do not fit the architecture."""
+
+
+class ModelError(TokenscopeError):
+    """The model name is unknown to timm or is not a ViT with a class token."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready model and what the outputs must say about it.
+
+    Attributes:
+        model: the timm VisionTransformer in eval mode on `device`; shared, never mutated.
+        name: the timm model name.
+        weights: a label for the weights: "pretrained", a checkpoint path, or "random".
+        is_random: True when the weights are random (every output must say so).
+        device: "cpu" or "cuda".
+        extras: state dicts the backbone does not hold, keyed by prefix (e.g. "score_predictor"
+            for the dTPS / DynamicViT predictor), loaded later by the methods that need them.
+    """
+
+    model: torch.nn.Module
+    name: str
+    weights: str
+    is_random: bool
+    device: str
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def weights_label(self) -> str:
+        """The weights as every output shows them; random weights are always spelt out."""
+        return "random (untrained; predictions are meaningless)" if self.is_random else self.weights
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, cols) of the model's input, e.g. (14, 14) for DeiT at 224 px."""
+        return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols
+
+
+def default_device() -> str:
+    """'cuda' when a CUDA GPU is visible to torch, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | None) -> str:
+    """Validate a device choice. Raises TokenscopeError for 'cuda' without a GPU or an unknown name."""
+    if device in (None, "", "auto"):
+        return default_device()
+    if device not in ("cpu", "cuda"):
+        raise TokenscopeError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TokenscopeError("device 'cuda' was asked for but torch sees no CUDA GPU: use --device cpu")
+    return device
+
+
+def hub_repo_id(name: str) -> str | None:
+    """The Hugging Face repository that timm downloads `name`'s pretrained weights from, or None."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - timm raises different errors across versions
+        cfg = None
+    if cfg is None:
+        return None
+    return getattr(cfg, "hf_hub_id", None) or None
+
+
+def weights_cached(name: str) -> bool:
+    """True when timm's pretrained weights of `name` are already in the local Hugging Face cache."""
+    repo = hub_repo_id(name)
+    if repo is None:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, filename)
+        if isinstance(hit, str) and os.path.exists(hit):
+            return True
+    return False
+
+
+def first_cached_model(choices: tuple[str, ...] = MODEL_CHOICES) -> str | None:
+    """The first model of `choices` whose pretrained weights are cached, or None."""
+    return next((name for name in choices if weights_cached(name)), None)
+
+
+def _check_architecture(model: torch.nn.Module, name: str) -> None:
+    blocks = getattr(model, "blocks", None)
+    if getattr(model, "cls_token", None) is None or blocks is None or not hasattr(model, "patch_embed"):
+        raise ModelError(f"{name} is not a ViT with a class token; tokenscope needs one (e.g. deit_small_patch16_224)")
+    for block in blocks:
+        for part in ("norm1", "attn", "norm2", "mlp"):
+            if not hasattr(block, part):
+                raise ModelError(f"{name}: block type {type(block).__name__} is not a standard ViT block")
+    if getattr(model, "num_prefix_tokens", 1) != 1:
+        raise ModelError(f"{name} has register or distillation tokens; tokenscope supports exactly one class token")
+
+
+def _create(name: str, pretrained: bool) -> torch.nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained)
+    except RuntimeError as err:
+        if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
+            raise ModelError(f"unknown timm model {name!r}: pick one of {', '.join(MODEL_CHOICES)}") from None
+        raise
+
+
+def _download_failure(name: str) -> WeightsError:
+    return WeightsError(
+        f"the pretrained weights of {name} could not be downloaded and are not in the Hugging Face cache; "
+        "ways out: (1) connect to the internet once (or set HF_HUB_CACHE to a cache that holds them), "
+        "(2) pass a local checkpoint file (.pth/.pt/.safetensors) as the weights, "
+        "(3) choose 'random' weights explicitly (shapes and GMACs only)"
+    )
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a .pth/.pt (torch.load, weights_only) or .safetensors file.
+
+    The DeiT-release wrapper `{"model": state_dict}` (and `{"state_dict": ...}`) is unwrapped.
+    Raises WeightsError when the file is missing or unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise WeightsError(f"checkpoint {path} could not be read ({type(err).__name__}): is it a .pth/.pt/.safetensors state dict?") from None
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"checkpoint {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# Prefixes of weights that belong to a method, not to the backbone (dTPS / DynamicViT predictor).
+EXTRA_PREFIXES = ("score_predictor",)
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: str) -> dict[str, dict[str, torch.Tensor]]:
+    extras: dict[str, dict[str, torch.Tensor]] = {}
+    backbone: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        prefix = key.split(".", 1)[0]
+        if prefix in EXTRA_PREFIXES:
+            extras.setdefault(prefix, {})[key.split(".", 1)[1]] = value
+        else:
+            backbone[key] = value
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(backbone))
+    unexpected = sorted(set(backbone) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(backbone) if expected[k].shape != backbone[k].shape)
+    if missing or unexpected or mismatched:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} shape mismatches, e.g. {k}: checkpoint {tuple(backbone[k].shape)} vs model {tuple(expected[k].shape)}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {show(unexpected)}")
+        raise WeightsError(f"checkpoint {path} does not fit {name} (another architecture?): " + "; ".join(parts))
+    model.load_state_dict(backbone, strict=True)
+    return extras
+
+
+def load_model(name: str = DEFAULT_MODEL, weights: str = "pretrained", device: str | None = None) -> LoadedModel:
+    """Build a timm ViT with the chosen weights, in eval mode on `device`.
+
+    Args:
+        name: a timm model name (a ViT with one class token).
+        weights: "pretrained" (timm's Hugging Face path and cache), a checkpoint path
+            (.pth/.pt/.safetensors; `{"model": state_dict}` accepted), or "random".
+        device: "cpu", "cuda" or None (CUDA when available).
+    Raises:
+        ModelError: unknown name or not a ViT with a class token.
+        WeightsError: pretrained weights neither cached nor downloadable (the message names the
+            model and the three ways out), or a checkpoint that does not fit the architecture.
+    """
+    device = resolve_device(device)
+    extras: dict[str, dict[str, torch.Tensor]] = {}
+    if weights == "pretrained":
+        try:
+            model = _create(name, pretrained=True)
+        except (ModelError, TokenscopeError):
+            raise
+        except Exception as err:  # noqa: BLE001 - hub, network and cache errors all mean "not obtainable"
+            if "Unknown model" in str(err):
+                raise ModelError(f"unknown timm model {name!r}") from None
+            raise _download_failure(name) from None
+        _check_architecture(model, name)
+    elif weights == "random":
+        torch.manual_seed(0)
+        model = _create(name, pretrained=False)
+        _check_architecture(model, name)
+    else:
+        model = _create(name, pretrained=False)
+        _check_architecture(model, name)
+        extras = _load_state(model, read_checkpoint(weights), name, weights)
+    model.eval().requires_grad_(False).to(device)
+    return LoadedModel(model=model, name=name, weights=weights, is_random=weights == "random", device=device, extras=extras)
+
+
+def data_config(model: torch.nn.Module, crop_pct: float | None = None) -> dict[str, Any]:
+    """timm's data config of `model` (input size, interpolation, mean, std, crop_pct), with an
+    optional `crop_pct` override (the papers use 0.875). Raises TokenscopeError for crop_pct
+    outside (0, 1]."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    if crop_pct is not None:
+        if not (0 < crop_pct <= 1) or math.isnan(crop_pct):
+            raise TokenscopeError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        cfg["crop_pct"] = float(crop_pct)
+    return cfg
+
+
+def make_transform(model: torch.nn.Module, crop_pct: float | None = None):
+    """The eval transform PIL RGB image -> [3, H, W] float tensor, from the model's data config."""
+    return timm.data.create_transform(**data_config(model, crop_pct), is_training=False)
+
+
+def crop_only_transform(model: torch.nn.Module, crop_pct: float | None = None):
+    """Resize + centre crop only (no normalisation): the exact crop the model sees, for drawing."""
+    import torchvision.transforms as T
+
+    full = make_transform(model, crop_pct)
+    keep = [t for t in full.transforms if not isinstance(t, (T.ToTensor, T.Normalize)) and type(t).__name__ not in ("MaybeToTensor",)]
+    return T.Compose(keep)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB: EXIF rotation applied, alpha composited on white,
+    16-bit and float images rescaled, CMYK / palette / grayscale converted."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            arr = arr / 65535.0
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        image = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(source: str | os.PathLike | bytes | io.IOBase, name: str | None = None) -> Image.Image:
+    """Open an image (path, bytes or file object) as 8-bit RGB; GIFs give their first frame.
+
+    Raises ImageLoadError, naming the file, for a missing, empty, corrupt or non-image file and for
+    an image over PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`).
+    """
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "the uploaded file")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageLoadError(f"{label}: no such file")
+        if path.is_dir():
+            raise ImageLoadError(f"{label}: is a folder, not an image")
+        if path.stat().st_size == 0:
+            raise ImageLoadError(f"{label}: the file is empty")
+        source = str(path)
+    elif isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            raise ImageLoadError(f"{label}: the file is empty")
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image.seek(0)
+                image.load()
+                return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageLoadError(
+            f"{label}: the image is larger than PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels; "
+            "downscale it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{label}: not an image PIL can read (use JPEG, PNG, WebP, BMP, TIFF or GIF)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageLoadError(f"{label}: the image is corrupt or truncated ({err})") from None
+
+
+def preprocess(images: list[Image.Image], model: torch.nn.Module, crop_pct: float | None = None) -> torch.Tensor:
+    """Stack RGB images into the model's input batch [B, 3, H, W] (float32, CPU)."""
+    transform = make_transform(model, crop_pct)
+    return torch.stack([transform(image) for image in images])
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class descriptions from timm, in class-index order."""
+    info = timm.data.ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 sorted ImageNet WordNet ids; a class index is a position in this list."""
+    return list(timm.data.ImageNetInfo().label_names())
