@@ -1,0 +1,160 @@
+"""The diversity score r(Z) of a token sequence (BAT, "Beyond Attentive Tokens"; methods.md §5).
+
+    r(Z) = || Z - 1 z^T ||_1,   z = argmin_{z'} || Z - 1 z'^T ||_1
+
+with `Z [N, C]` the non-cls tokens and `||.||_1` the sum of absolute entries. With the centre `z`
+restricted to one of the tokens (BAT's definition, the default "medoid" centre) this is
+`r(Z) = min_j sum_i ||Z_i - Z_j||_1`. With a free centre ("median") the optimum is the channel-wise
+median, and `r_median <= r_medoid <= 2 r_median`.
+
+Size weighting (our definition): a token that holds `s_i` original patches counts `s_i` times,
+    r_w(Z) = min_j sum_i s_i ||Z_i - Z_j||_1     (medoid)
+    r_w(Z) = sum_i s_i ||Z_i - m_w||_1           (median; m_w the channel-wise weighted median)
+so a merged token weighs what its patches would have weighed unmerged. Per-token normalisation
+divides by the number of rows (unweighted) or by the total weight `sum_i s_i` (weighted), so that
+sequences of different lengths compare.
+
+Computation: for one channel, `sum_i w_i |z_i - z_j|` for every `j` follows from the values sorted
+once and prefix sums of `w` and `w z` (O(N log N) per channel instead of O(N^2)); summing over
+channels gives each candidate's cost, and the minimum is r. Exact, float64, vectorised over the
+batch, channels and candidates (no Python loop over tokens). `pairwise_l1_cost` is the plain
+O(N^2 C) reference, used by the tests.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+CENTRES = ("medoid", "median")
+
+
+def _validate(tokens: torch.Tensor, sizes: torch.Tensor | None, centre: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    if centre not in CENTRES:
+        raise ValueError(f"centre must be one of {', '.join(CENTRES)}, got {centre!r}")
+    single = tokens.dim() == 2
+    if single:
+        tokens = tokens.unsqueeze(0)
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must be [N, C] or [B, N, C], got shape {tuple(tokens.shape)}")
+    z = tokens.detach().to(torch.float64)
+    if sizes is None:
+        weights = torch.ones(z.shape[:2], dtype=torch.float64, device=z.device)
+    else:
+        weights = sizes.detach().to(device=z.device, dtype=torch.float64)
+        if single and weights.dim() == 1:
+            weights = weights.unsqueeze(0)
+        if weights.shape != z.shape[:2]:
+            raise ValueError(f"sizes must be [N] or [B, N] matching tokens, got {tuple(sizes.shape)} for tokens {tuple(tokens.shape)}")
+        if (weights < 0).any():
+            raise ValueError("sizes must be non-negative")
+    return z, weights, single
+
+
+def candidate_costs(tokens: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """For every token j, the weighted l1 cost of using it as the centre: `sum_i s_i ||Z_i - Z_j||_1`.
+
+    Args:
+        tokens: [B, N, C] (any float dtype; computed in float64).
+        sizes: [B, N] non-negative weights, or None for 1.
+    Returns:
+        [B, N] float64.
+    """
+    z, w, _ = _validate(tokens, sizes, "medoid")
+    values, order = z.sort(dim=1)                                   # [B, N, C] per channel
+    w_sorted = w.unsqueeze(-1).expand_as(z).gather(1, order)         # weights in each channel's order
+    cum_w = w_sorted.cumsum(1)
+    cum_wz = (w_sorted * values).cumsum(1)
+    total_w = cum_w[:, -1:]
+    total_wz = cum_wz[:, -1:]
+    # Tokens at or below position p contribute z_p * W_le - WZ_le; tokens above contribute WZ_gt - z_p * W_gt.
+    below = values * cum_w - cum_wz
+    above = (total_wz - cum_wz) - values * (total_w - cum_w)
+    cost_sorted = below + above
+    cost = torch.empty_like(cost_sorted).scatter_(1, order, cost_sorted)  # back to token order
+    return cost.sum(-1)
+
+
+def pairwise_l1_cost(tokens: torch.Tensor, sizes: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
+    """Reference O(N^2 C) version of `candidate_costs` via `torch.cdist(p=1)` in chunks of candidates.
+
+    Args / returns as `candidate_costs`.
+    """
+    z, w, _ = _validate(tokens, sizes, "medoid")
+    out = []
+    for start in range(0, z.shape[1], chunk):
+        distances = torch.cdist(z[:, start:start + chunk], z, p=1)     # [B, chunk, N]
+        out.append((distances * w.unsqueeze(1)).sum(-1))
+    return torch.cat(out, 1)
+
+
+def weighted_median(tokens: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """The channel-wise (weighted) median of the tokens, a minimiser of `sum_i s_i ||Z_i - m||_1`.
+
+    Args:
+        tokens: [B, N, C]; sizes: [B, N] or None.
+    Returns:
+        [B, C] float64: per channel the smallest value whose cumulative weight reaches half the total
+        (the lower median when unweighted and N is even; every value between the two middle ones is
+        optimal).
+    """
+    z, w, _ = _validate(tokens, sizes, "median")
+    values, order = z.sort(dim=1)
+    cum_w = w.unsqueeze(-1).expand_as(z).gather(1, order).cumsum(1)
+    half = cum_w[:, -1:] / 2
+    index = (cum_w < half - 1e-12 * cum_w[:, -1:].abs().clamp(min=1)).sum(1, keepdim=True).clamp(max=z.shape[1] - 1)
+    return values.gather(1, index).squeeze(1)
+
+
+def diversity_score(
+    tokens: torch.Tensor,
+    centre: str = "medoid",
+    per_token: bool = False,
+    sizes: torch.Tensor | None = None,
+) -> float | torch.Tensor:
+    """The diversity score r(Z) (methods.md §5) of the non-cls tokens `tokens`.
+
+    Args:
+        tokens: [N, C] or [B, N, C] token features (pass tokens 1: of a sequence, without cls).
+        centre: "medoid" (one of the tokens, BAT's definition) or "median" (free centre: the
+            channel-wise median, weighted when `sizes` is given).
+        per_token: divide by the number of tokens (or by the total size when weighted).
+        sizes: optional [N] or [B, N] patches held per token (size weighting, see module docstring).
+    Returns:
+        a float for a single [N, C] input, else a [B] float64 tensor; l1 units of the features.
+    Raises:
+        ValueError: an unknown centre or mismatched shapes.
+    """
+    z, w, single = _validate(tokens, sizes, centre)
+    if z.shape[1] == 0:
+        score = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+    elif centre == "medoid":
+        score = candidate_costs(z, w).min(dim=1).values
+    else:
+        median = weighted_median(z, w)
+        score = ((z - median.unsqueeze(1)).abs().sum(-1) * w).sum(-1)
+    if per_token:
+        score = score / w.sum(-1).clamp(min=torch.finfo(torch.float64).tiny)
+    return float(score[0]) if single else score.cpu()
+
+
+def diversity_per_block(result: Any, centre: str = "medoid", per_token: bool = False, size_weighted: bool = False) -> np.ndarray:
+    """r(Z) of every block's output (non-cls tokens 1:) for every image of a batch.
+
+    Args:
+        result: an `analysis.engine.Result` from `run(..., keep_block_outputs=True)`.
+        centre, per_token: as `diversity_score`.
+        size_weighted: weight tokens by `result.block_sizes` (patches held).
+    Returns:
+        [B, depth] float64 numpy array.
+    Raises:
+        ValueError: the result kept no block outputs.
+    """
+    if result.block_outputs is None:
+        raise ValueError("the result has no block outputs: run the engine with keep_block_outputs=True")
+    columns = []
+    for index, output in enumerate(result.block_outputs):
+        sizes = result.block_sizes[index][:, 1:] if size_weighted else None
+        columns.append(diversity_score(output[:, 1:], centre=centre, per_token=per_token, sizes=sizes).numpy())
+    return np.stack(columns, axis=1)
