@@ -1,0 +1,75 @@
+"""GMACs (methods.md §8): the published figures, and agreement with torch's FlopCounterMode."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from analysis.engine import ReductionPlan, run
+from analysis.gmacs import gmacs_report, plan_gmacs, plan_macs
+
+
+@pytest.fixture(scope="module")
+def models(tiny):
+    """DeiT-T with real weights; DeiT-S and DeiT-B with random weights (counts do not depend on them)."""
+    torch.manual_seed(0)
+    small = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    base = timm.create_model("deit_base_patch16_224", pretrained=False).eval()
+    return {"tiny": tiny.model, "small": small, "base": base}
+
+
+def test_dense_gmacs_match_the_papers(models):
+    assert round(plan_gmacs(models["tiny"], ReductionPlan()), 1) == 1.3
+    assert round(plan_gmacs(models["small"], ReductionPlan()), 1) == 4.6
+    assert round(plan_gmacs(models["base"], ReductionPlan()), 1) == 17.6
+
+
+@pytest.mark.parametrize("keep_rate, expected", [(0.9, 4.0), (0.8, 3.5), (0.7, 3.0), (0.6, 2.6), (0.5, 2.3)])
+def test_evit_deit_small_matches_the_paper(models, keep_rate, expected):
+    assert round(plan_gmacs(models["small"], ReductionPlan.make("evit", keep_rate)), 1) == expected
+
+
+def test_evit_tiny_and_base_at_keep_07(models):
+    plan = ReductionPlan.make("evit", 0.7)
+    assert round(plan_gmacs(models["tiny"], plan), 1) == 0.8
+    assert round(plan_gmacs(models["base"], plan), 1) == 11.6
+
+
+def test_breakdown_uses_the_real_token_counts(models):
+    breakdown = plan_macs(models["tiny"], ReductionPlan.make("evit", 0.7))
+    attention = [block.tokens_attention for block in breakdown.blocks]
+    mlp = [block.tokens_mlp for block in breakdown.blocks]
+    # EViT acts inside blocks 4, 7, 10: the attention sees the count before, the MLP the count after
+    assert attention == [197, 197, 197, 197, 140, 140, 140, 100, 100, 100, 72, 72]
+    assert mlp == [197, 197, 197, 140, 140, 140, 100, 100, 100, 72, 72, 72]
+    own = [block.method_matmul for block in breakdown.blocks]
+    assert own[3] == 197 * 192 and own[6] == 140 * 192 and own[9] == 100 * 192  # the class-attention row
+    assert breakdown.blocks[3].method_elementwise == (196 - 138) * 192            # fused token: 58 weighted adds
+    assert 0 < breakdown.method_share < 0.01
+    report = gmacs_report(models["tiny"], ReductionPlan.make("evit", 0.7))
+    assert report["dense_gmacs"] == pytest.approx(plan_gmacs(models["tiny"], ReductionPlan()))
+    assert 30 < report["reduction_pct"] < 40
+    # fusion off: no fused token, fewer tokens, fewer MACs
+    assert plan_gmacs(models["tiny"], ReductionPlan.make("evit", 0.7, fuse=False)) < report["gmacs"]
+
+
+def _flop_counter_macs(model, plan) -> float:
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run(model, image, plan, track=False)
+    return counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("plan", [ReductionPlan(), ReductionPlan.make("evit", 0.7), ReductionPlan.make("evit", 0.5, fuse=False)],
+                         ids=["dense", "evit0.7", "evit0.5-nofuse"])
+def test_flop_counter_agrees(models, plan):
+    """FlopCounterMode counts convolutions and matrix products, scaled_dot_product_attention
+    included (2 N^2 C per image per block), and the cls-row product the engine computes; it does not
+    count element-wise work, so it is compared with `matmul` (total minus element-wise)."""
+    for name in ("tiny", "small"):
+        ours = plan_macs(models[name], plan)
+        counted = _flop_counter_macs(models[name], plan)
+        assert ours.matmul == pytest.approx(counted, rel=0.02)
+        assert ours.total >= ours.matmul
