@@ -60,6 +60,8 @@ def method_params_from_args(args: argparse.Namespace, method_name: str) -> dict[
     """The parameters of `method_name` that the user set explicitly, parsed and validated."""
     if method_name == "none":
         return {}
+    if method_name not in METHODS:
+        raise PlanError(f"unknown method {method_name!r}: choose none or one of {', '.join(sorted(METHODS))}")
     method = METHODS[method_name]
     chosen: dict[str, Any] = {}
     for spec in method.params:
