@@ -13,3 +13,6 @@ from .base import (  # noqa: F401
     register,
 )
 from . import evit  # noqa: F401  (registers)
+from . import tps  # noqa: F401  (registers etps, dtps, dynamicvit)
+from . import bat  # noqa: F401  (registers bat, dpc)
+from . import tome  # noqa: F401  (registers tome)

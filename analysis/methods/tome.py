@@ -1,0 +1,194 @@
+"""ToMe: token merging by bipartite soft matching (Bolya et al., ICLR 2023; methods.md §6).
+
+In every block (by default), after the attention residual and before the MLP, r tokens merge into
+their most similar partners; proportional attention adds log(size) of every key to the attention
+logits (the engine passes it to SDPA as an additive mask).
+
+Budget helpers, for comparing ToMe with the keep-rate methods at the same cost:
+- `tome_counts(r, depth, n0)`: the tokens leaving each block for an r schedule.
+- `keep_rate_counts(keep_rate, depth, n0, layers, fuse)`: the same for EViT / eTPS / BAT / dpc
+  (EViT's ceil(rho n) per stage; `fuse=True` adds EViT's fused token).
+- `matched_r_schedule(target_counts, n0)`: a per-block r whose counts follow a target per block.
+- `r_for_keep_rate(keep_rate, ...)`: a constant r (or the matched list) whose total token budget,
+  the sum of tokens over blocks (the GMACs proxy), best matches a keep-rate method.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, kept_count, register
+
+
+def _plan_error(message: str) -> Exception:
+    from ..engine import PlanError  # the engine imports this package; import late
+
+    return PlanError(message)
+
+
+def r_at_stage(r: int | Sequence[int], stage: int) -> int:
+    """The merges at reducing stage `stage` (0-based) for a constant r or a per-stage list.
+
+    Raises PlanError when the list is shorter than the number of reducing layers."""
+    if isinstance(r, (list, tuple)):
+        if stage >= len(r):
+            raise _plan_error(
+                f"ToMe's r list has {len(r)} entries but the plan reduces at more layers; give one r per reducing layer "
+                "(12 for every block of DeiT) or a single number"
+            )
+        return int(r[stage])
+    return int(r)
+
+
+def tome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int) -> TokenAssignment | None:
+    """ToMe's bipartite soft matching with a class token (methods.md §6).
+
+    metric = head-averaged keys, L2-normalised; A = even positions (with cls), B = odd positions;
+    scores `A B^T` with the cls row at -inf; the r A tokens with the highest best score merge into
+    their best B partner (several may share one); merge by size-weighted mean, sizes add. Output
+    `[unmerged A (ascending position), B]`. r is capped at (N - 1) // 2.
+
+    Args:
+        keys: [B, N, d] keys averaged over heads (token 0 = cls).
+        sizes: [B, N] float, original tokens held (cls 1).
+        r: merges in this block.
+    Returns:
+        the assignment (weights = sizes, normalize=True; kinds "merged" for tokens holding more
+        than one original token, "kept" otherwise), or None when r <= 0.
+    """
+    batch, n, _ = keys.shape
+    r = min(int(r), (n - 1) // 2)
+    if r <= 0:
+        return None
+    device = keys.device
+    metric = keys.float()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, 0::2], metric[:, 1::2]
+    n_a, n_b = a.shape[1], b.shape[1]
+    scores = a @ b.transpose(1, 2)
+    scores[:, 0, :] = -float("inf")
+    best, partner = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    src = order[:, :r]
+    unmerged = order[:, r:].sort(dim=-1).values
+    n_unmerged = n_a - r
+    dest_a = torch.empty(batch, n_a, dtype=torch.long, device=device)
+    dest_a.scatter_(1, unmerged, torch.arange(n_unmerged, device=device).expand(batch, n_unmerged))
+    dest_a.scatter_(1, src, partner.gather(1, src) + n_unmerged)
+    dest = torch.empty(batch, n, dtype=torch.long, device=device)
+    dest[:, 0::2] = dest_a
+    dest[:, 1::2] = torch.arange(n_unmerged, n_unmerged + n_b, device=device).expand(batch, n_b)
+    n_out = n_unmerged + n_b
+    sizes_out = sizes.new_zeros(batch, n_out).scatter_add_(1, dest, sizes)
+    kinds = torch.where(sizes_out > 1, KIND_CODE["merged"], KIND_CODE["kept"])
+    kinds[:, 0] = KIND_CODE["cls"]
+    return TokenAssignment(dest=dest, weight=sizes.float(), n_out=n_out, normalize=True, kinds=kinds)
+
+
+@register
+class ToMe(Method):
+    name = "tome"
+    label = "ToMe"
+    paper = "ToMe, Bolya et al., ICLR 2023"
+    default_layers = None  # every block
+    needs_keys = True
+    uses_keep_rate = False
+    params = (
+        ParamSpec(
+            "r", 13, "int_list",
+            "Tokens merged per block: one number for every block, or a comma list with one entry per reducing layer "
+            "(capped at (N-1)//2; DeiT r=13: 197 -> 41 tokens).",
+            minimum=0,
+        ),
+        ParamSpec("prop_attn", True, "bool", "Proportional attention: add log(size) of each key to the attention logits (ToMe's default for DeiT)."),
+    )
+
+    def assign(self, ctx: ReduceContext) -> TokenAssignment | None:
+        """ToMe at one block (methods.md §6). Raises PlanError for an r list shorter than the plan's layers."""
+        return tome_assignment(ctx.keys, ctx.sizes, r_at_stage(ctx.params["r"], ctx.stage))
+
+    def proportional_attention(self, params: dict) -> bool:
+        return bool(params.get("prop_attn", True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Budget helpers
+# ----------------------------------------------------------------------------------------------
+
+def tome_counts(r: int | Sequence[int], depth: int = 12, n0: int = 197, layers: Sequence[int] | None = None) -> list[int]:
+    """Tokens (cls included) leaving each block when ToMe merges `r` at `layers` (1-based; None =
+    every block), r constant or one entry per reducing layer, each capped at (N - 1) // 2.
+    E.g. r = 13, depth 12, n0 197 -> [184, 171, ..., 41]."""
+    layers = tuple(range(1, depth + 1)) if layers is None else tuple(layers)
+    counts, n = [], n0
+    for block in range(1, depth + 1):
+        if block in layers:
+            n -= max(0, min(r_at_stage(r, layers.index(block)), (n - 1) // 2))
+        counts.append(n)
+    return counts
+
+
+def keep_rate_counts(keep_rate: float, depth: int = 12, n0: int = 197, layers: Sequence[int] = (4, 7, 10), fuse: bool = False) -> list[int]:
+    """Tokens (cls included) leaving each block for EViT's selection at `keep_rate` (methods.md
+    §2): ceil(rho n) non-cls tokens kept at each reducing layer, n counting every non-cls token
+    (an earlier fused token included). `fuse=False` gives eTPS, BAT, dpc and EViT without fusion
+    (197 -> 139 -> 98 -> 69 at 0.7); `fuse=True` EViT's default (197 -> 140 -> 100 -> 72)."""
+    counts, n = [], n0
+    for block in range(1, depth + 1):
+        if block in layers:
+            non_cls = n - 1
+            kept = kept_count(keep_rate, non_cls)
+            if kept < non_cls:
+                n = 1 + kept + (1 if fuse else 0)
+        counts.append(n)
+    return counts
+
+
+def matched_r_schedule(target_counts: Sequence[int], n0: int = 197) -> tuple[int, ...]:
+    """A per-block ToMe r schedule whose token counts follow `target_counts` (methods.md §6 budget).
+
+    Block i merges `r_i = clamp(N_{i-1} - target_i, 0, (N_{i-1} - 1) // 2)`, N_{i-1} being ToMe's
+    own count before the block: the counts equal the target wherever ToMe can reach it in one
+    block, and where the cap (half the tokens per block) stops it, the later blocks catch up. Where
+    the target rises (a fused token appears) ToMe stays put (it cannot add tokens).
+
+    Args:
+        target_counts: tokens (cls included) leaving each block of the other method, e.g.
+            `keep_rate_counts(0.7)` = [197, 197, 197, 139, 139, 139, 98, 98, 98, 69, 69, 69].
+        n0: tokens entering the first block (197 for DeiT at 224 px).
+    Returns:
+        r per block, one per entry of `target_counts` (use as the plan's `r` with every block
+        reducing; `tome_counts(schedule, len(schedule), n0)` gives the resulting counts).
+    """
+    schedule, n = [], n0
+    for target in target_counts:
+        r = max(0, min(n - int(target), (n - 1) // 2))
+        schedule.append(r)
+        n -= r
+    return tuple(schedule)
+
+
+def r_for_keep_rate(
+    keep_rate: float, depth: int = 12, n0: int = 197, layers: Sequence[int] = (4, 7, 10), fuse: bool = False,
+    schedule: str = "constant",
+) -> int | tuple[int, ...]:
+    """ToMe's r at the budget of a keep-rate method (EViT / eTPS / BAT / dpc at `keep_rate`).
+
+    The budget is the sum over blocks of the tokens leaving each block (the GMACs proxy: a block's
+    cost grows with its token count).
+    - schedule="constant": the constant r in 0..(n0 - 1) // 2 whose ToMe total is nearest to the
+      keep-rate method's total (ties: the smaller r). At 0.7 on DeiT (total 1509) this is r = 11
+      (total 1506).
+    - schedule="matched": `matched_r_schedule(keep_rate_counts(...))`: the same count per block
+      wherever ToMe can reach it (so the same total when reachable).
+
+    Raises ValueError for an unknown schedule.
+    """
+    target = keep_rate_counts(keep_rate, depth, n0, layers, fuse)
+    if schedule == "matched":
+        return matched_r_schedule(target, n0)
+    if schedule != "constant":
+        raise ValueError(f"schedule must be 'constant' or 'matched', got {schedule!r}")
+    budget = sum(target)
+    return min(range(0, (n0 - 1) // 2 + 1), key=lambda r: (abs(sum(tome_counts(r, depth, n0)) - budget), r))
