@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_dense_top1_on_the_imagenet_sample(capsys, sample_files):
         (["{photo}", "--crop-pct", "2"], "crop_pct"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path, sample_files, args, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, sample_files, capsys, args, message):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("hello")
     import torch
@@ -100,13 +101,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, sample_files, args, message)
     torch.save({"head.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
     values = {"empty": tmp_path / "empty.jpg", "text": tmp_path / "text.jpg", "photo": sample_files[0], "wrong": tmp_path / "wrong.pth"}
     argv = [a.format(**values) for a in args]
-    env = dict(os.environ)
+    code, out, err = run_cli(capsys, "inspect", *argv, *TINY)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_the_real_process_exits_2_without_traceback(tmp_path):
+    """The same path through a real `python -m analysis` process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "analysis", "inspect", *argv, *TINY], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "analysis", "inspect", str(tmp_path / "missing.jpg"), *TINY],
+        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert __import__("re").search(message, lines[0]), lines[0]
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.jpg'}: no such file"]
