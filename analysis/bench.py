@@ -1,0 +1,352 @@
+"""Throughput of the dense and the reduced models: images per second and latency per batch.
+
+What is timed is exactly what `engine.run` does with provenance off (`track=False`), under
+`torch.inference_mode`, on seeded random input tensors (no data loading, no preprocessing). For
+every batch size, all settings (the dense model and every reduction) are warmed up first and then
+timed in *interleaved rounds*: round i times setting 1, setting 2, ... once each. On a shared machine
+a burst of foreign load then hits every setting of a round alike instead of one setting's whole
+series. Each setting reports the median of its timed repeats and, as its spread, the interquartile
+range (25th and 75th percentile) plus the minimum and maximum. `speedup_vs_dense` is the dense
+median divided by the setting's median, both measured in the same run.
+
+On CUDA every timed call is bracketed by `torch.cuda.synchronize()`, so the time covers the kernels
+and not only their launch. `amp` runs the forward under `torch.autocast`: float16 on CUDA, bfloat16
+on the CPU (CPU autocast has no useful float16 path).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .engine import PlanError, ReductionPlan, run
+from .methods import METHODS, get_method
+from .models import LoadedModel, TokenscopeError
+
+try:  # GMACs per image from the real token counts (methods.md §8), written in analysis/gmacs.py.
+    from .gmacs import plan_gmacs
+except ImportError:  # pragma: no cover - only while gmacs.py is absent
+    plan_gmacs = None
+
+# The columns of results.csv, in order: the ones the issue names, then the spread and the context.
+CSV_COLUMNS: tuple[str, ...] = (
+    "model", "method", "keep_rate", "r", "batch_size", "dtype", "device",
+    "images_per_s", "latency_ms", "gmacs", "speedup_vs_dense",
+    "latency_ms_q1", "latency_ms_q3", "latency_ms_min", "latency_ms_max",
+    "images_per_s_q1", "images_per_s_q3", "gmacs_ratio", "token_counts",
+    "threads", "repeats", "warmup", "weights", "provenance_overhead_pct",
+)
+
+
+class BenchError(TokenscopeError):
+    """A benchmark request that cannot run: unknown method, empty or bad batch sizes, repeats < 1."""
+
+
+@dataclass(frozen=True)
+class BenchSetting:
+    """One timed configuration: the dense model or one method at one keep rate (or ToMe's r).
+
+    Attributes:
+        method: "none" or a registered method name.
+        keep_rate: the plan's keep rate (1.0 for the dense model and for methods driven by r).
+        r: ToMe's merges per block, or None for methods driven by the keep rate.
+        plan: the `ReductionPlan` that is run.
+    """
+
+    method: str
+    keep_rate: float
+    r: int | None
+    plan: ReductionPlan
+
+    @property
+    def label(self) -> str:
+        if self.method == "none":
+            return "dense"
+        return f"{self.method} r={self.r}" if self.r is not None else f"{self.method} keep={self.keep_rate:g}"
+
+
+@dataclass
+class BenchRow:
+    """One row of results.csv; times in milliseconds per batch, throughput in images per second."""
+
+    model: str
+    method: str
+    keep_rate: float
+    r: int | None
+    batch_size: int
+    dtype: str
+    device: str
+    images_per_s: float
+    latency_ms: float
+    gmacs: float
+    speedup_vs_dense: float
+    latency_ms_q1: float
+    latency_ms_q3: float
+    latency_ms_min: float
+    latency_ms_max: float
+    images_per_s_q1: float
+    images_per_s_q3: float
+    gmacs_ratio: float
+    token_counts: str
+    threads: int
+    repeats: int
+    warmup: int
+    weights: str
+    provenance_overhead_pct: float | None = None
+    samples_ms: list[float] = field(default_factory=list, repr=False)
+
+    def csv_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.pop("samples_ms")
+        for name, value in record.items():
+            if isinstance(value, float) and math.isfinite(value):
+                record[name] = round(value, 4)
+        return {name: ("" if record[name] is None else record[name]) for name in CSV_COLUMNS}
+
+    def describe(self) -> str:
+        """One printed line: the number together with device, dtype, batch size and threads."""
+        what = "dense" if self.method == "none" else (
+            f"{self.method} r={self.r}" if self.r is not None else f"{self.method} keep={self.keep_rate:g}")
+        line = (
+            f"{self.model} {what:<14} | {self.device} {self.dtype} batch {self.batch_size} threads {self.threads} | "
+            f"{self.images_per_s:8.1f} img/s (IQR {self.images_per_s_q1:.1f}-{self.images_per_s_q3:.1f}) | "
+            f"latency {self.latency_ms:9.1f} ms median, IQR {self.latency_ms_q1:.1f}-{self.latency_ms_q3:.1f}, "
+            f"min {self.latency_ms_min:.1f}, max {self.latency_ms_max:.1f} ({self.repeats} repeats) | "
+            f"{self.gmacs:.2f} GMACs | speedup {self.speedup_vs_dense:.2f}x (GMACs ratio {self.gmacs_ratio:.2f}x)"
+        )
+        if self.provenance_overhead_pct is not None:
+            line += f" | provenance +{self.provenance_overhead_pct:.1f}%"
+        return line
+
+
+def parse_list(text: str | Iterable, kind: type, what: str) -> list:
+    """'0.7,0.5' -> [0.7, 0.5] (any iterable passes through converted). Raises BenchError."""
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    parts = [p for p in parts if p != ""]
+    try:
+        values = [kind(p) for p in parts]
+    except (TypeError, ValueError):
+        raise BenchError(f"{what} must be a comma list of {'integers' if kind is int else 'numbers'}, got {text!r}") from None
+    if not values:
+        raise BenchError(f"{what} is empty")
+    return values
+
+
+def make_settings(methods: Iterable[str], keep_rates: Iterable[float] = (0.7,), r_values: Iterable[int] = (13,)) -> list[BenchSetting]:
+    """The settings to time: the dense model first (always, the speedups need it), then each
+    method at each keep rate, or at each r for methods driven by r (ToMe).
+
+    Raises:
+        BenchError: a method that is not registered (the message lists the registered ones), or
+            a keep rate outside (0, 1].
+    """
+    settings = [BenchSetting("none", 1.0, None, ReductionPlan())]
+    for name in dict.fromkeys(m.strip() for m in methods if m.strip()):
+        if name in ("none", "dense"):
+            continue
+        if name not in METHODS:
+            raise BenchError(
+                f"method {name!r} is not registered in this tokenscope: choose from none, {', '.join(sorted(METHODS))}")
+        method = get_method(name)
+        if method.uses_keep_rate:
+            for rate in dict.fromkeys(float(rate) for rate in keep_rates):
+                if not 0.0 < float(rate) <= 1.0:
+                    raise BenchError(f"keep rate must be in (0, 1], got {rate}")
+                settings.append(BenchSetting(name, float(rate), None, ReductionPlan.make(name, float(rate))))
+        else:
+            has_r = any(spec.name == "r" for spec in method.params)
+            for r in (list(dict.fromkeys(int(r) for r in r_values)) if has_r else [None]):
+                params = {} if r is None else {"r": int(r)}
+                settings.append(BenchSetting(name, 1.0, None if r is None else int(r), ReductionPlan.make(name, 1.0, **params)))
+    return settings
+
+
+def random_images(model: torch.nn.Module, batch_size: int, device: str, seed: int = 0) -> torch.Tensor:
+    """[batch_size, C, H, W] float32 standard-normal input of the model's size, seeded (generated on the CPU)."""
+    size = model.patch_embed.img_size
+    height, width = (size, size) if isinstance(size, int) else size
+    channels = model.patch_embed.proj.in_channels
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, channels, height, width, generator=generator).to(device)
+
+
+def dtype_label(device: str, amp: bool) -> str:
+    """The precision a run uses: float32, or the autocast type (float16 on CUDA, bfloat16 on CPU)."""
+    if not amp:
+        return "float32"
+    return "float16-autocast" if device == "cuda" else "bfloat16-autocast"
+
+
+def _autocast(device: str, amp: bool):
+    if not amp:
+        return torch.autocast(device_type=device, enabled=False)
+    return torch.autocast(device_type=device, dtype=torch.float16 if device == "cuda" else torch.bfloat16)
+
+
+def _timed_call(fn: Callable[[], Any], device: str) -> float:
+    """Seconds one call takes; on CUDA synchronised before and after so the kernels are included."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class BenchConfig:
+    """What to run.
+
+    Attributes:
+        batch_sizes: images per forward call.
+        warmup: untimed calls per setting before timing (at least 1 is wise: first calls allocate).
+        repeats: timed calls per setting (interleaved rounds).
+        amp: autocast (float16 on CUDA, bfloat16 on CPU).
+        threads: torch intra-op threads (None: leave torch's setting).
+        seed: input seed.
+        provenance: also time each reduced setting with `track=True` and report the overhead.
+    """
+
+    batch_sizes: tuple[int, ...] = (32,)
+    warmup: int = 2
+    repeats: int = 10
+    amp: bool = False
+    threads: int | None = None
+    seed: int = 0
+    provenance: bool = False
+
+    def validate(self) -> None:
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise BenchError(f"batch sizes must be positive integers, got {','.join(map(str, self.batch_sizes)) or 'none'}")
+        if self.repeats < 1:
+            raise BenchError(f"repeats must be at least 1, got {self.repeats}")
+        if self.warmup < 0:
+            raise BenchError(f"warmup must be 0 or more, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(f"threads must be at least 1, got {self.threads}")
+
+
+def run_benchmark(
+    loaded: LoadedModel,
+    settings: list[BenchSetting],
+    config: BenchConfig,
+    progress: Callable[[float, str], None] | None = None,
+) -> list[BenchRow]:
+    """Time every setting at every batch size (see the module docstring for the protocol).
+
+    Args:
+        loaded: the model (never modified); its device is where everything runs.
+        settings: from `make_settings`; the first must be the dense model.
+        config: batch sizes, warm-up, repeats, precision, threads.
+        progress: optional callback(fraction done in [0, 1], text) called after every timed call.
+    Returns:
+        one `BenchRow` per (batch size, setting), dense first within each batch size.
+    Raises:
+        BenchError / PlanError: bad configuration, or a plan that does not fit the model.
+    """
+    config.validate()
+    if not settings or settings[0].method != "none":
+        raise BenchError("the first benchmark setting must be the dense model (make_settings puts it there)")
+    model = loaded.model
+    device = loaded.device
+    depth = len(model.blocks)
+    for setting in settings:
+        setting.plan.validate(depth)
+        if setting.method != "none":
+            method = get_method(setting.method)
+            reason = method.unavailable_reason(loaded.extras)
+            if reason:
+                raise PlanError(f"{method.label} cannot run: {reason}")
+    if config.threads is not None:
+        torch.set_num_threads(int(config.threads))
+    threads = torch.get_num_threads()
+    dtype = dtype_label(device, config.amp)
+    extras = loaded.extras
+
+    # GMACs per image and token counts: one dummy forward per plan, outside the timed region.
+    gmacs: dict[ReductionPlan, float] = {}
+    counts: dict[ReductionPlan, list[int]] = {}
+    for setting in settings:
+        counts[setting.plan] = run(model, random_images(model, 1, device, config.seed), setting.plan, extras=extras, track=False).token_counts
+        # INTEGRATION POINT: GMACs come from analysis/gmacs.py (plan_gmacs); NaN only if it is absent.
+        gmacs[setting.plan] = float("nan") if plan_gmacs is None else plan_gmacs(model, setting.plan, extras, counts[setting.plan])
+
+    tracked = [s for s in settings if config.provenance and s.method != "none"]
+    calls_per_round = len(settings) + len(tracked)
+    total = len(config.batch_sizes) * calls_per_round * (config.warmup + config.repeats)
+    done = 0
+    rows: list[BenchRow] = []
+    for batch_size in config.batch_sizes:
+        images = random_images(model, int(batch_size), device, config.seed)
+        jobs = [(s, False) for s in settings] + [(s, True) for s in tracked]
+        samples: dict[tuple[BenchSetting, bool], list[float]] = {job: [] for job in jobs}
+
+        def call(setting: BenchSetting, track: bool):
+            return lambda: run(model, images, setting.plan, extras=extras, track=track)
+
+        with torch.inference_mode(), _autocast(device, config.amp):
+            for phase, count in (("warm-up", config.warmup), ("timing", config.repeats)):
+                for round_index in range(count):
+                    for setting, track in jobs:
+                        seconds = _timed_call(call(setting, track), device)
+                        if phase == "timing":
+                            samples[(setting, track)].append(seconds)
+                        done += 1
+                        if progress is not None:
+                            progress(done / total, f"batch {batch_size}: {phase} {round_index + 1}/{count}, {setting.label}"
+                                     + (" (provenance on)" if track else ""))
+        dense_median = statistics.median(samples[(settings[0], False)])
+        for setting in settings:
+            times = samples[(setting, False)]
+            median = statistics.median(times)
+            q1, q3 = _quantile(times, 0.25), _quantile(times, 0.75)
+            overhead = None
+            if (setting, True) in samples:
+                overhead = 100.0 * (statistics.median(samples[(setting, True)]) / median - 1.0)
+            rows.append(BenchRow(
+                model=loaded.name, method=setting.method, keep_rate=setting.keep_rate, r=setting.r,
+                batch_size=int(batch_size), dtype=dtype, device=device,
+                images_per_s=batch_size / median, latency_ms=1e3 * median,
+                gmacs=gmacs[setting.plan], speedup_vs_dense=dense_median / median,
+                latency_ms_q1=1e3 * q1, latency_ms_q3=1e3 * q3,
+                latency_ms_min=1e3 * min(times), latency_ms_max=1e3 * max(times),
+                images_per_s_q1=batch_size / q3, images_per_s_q3=batch_size / q1,
+                gmacs_ratio=gmacs[settings[0].plan] / gmacs[setting.plan],
+                token_counts=" ".join(map(str, counts[setting.plan])),
+                threads=threads, repeats=config.repeats, warmup=config.warmup, weights=loaded.weights_label,
+                provenance_overhead_pct=overhead, samples_ms=[1e3 * t for t in times],
+            ))
+    return rows
+
+
+def write_csv(rows: list[BenchRow], out_dir: str | Path) -> Path:
+    """Write `results.csv` (columns `CSV_COLUMNS`) into `out_dir` (created if needed); returns its path."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BenchError(f"cannot create the output folder {str(out)!r}: {err.strerror}") from None
+    path = out / "results.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(CSV_COLUMNS))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.csv_record())
+    return path

@@ -1,0 +1,55 @@
+"""`python -m analysis bench`: images/s and latency of the dense and the reduced models; writes results.csv."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..bench import BenchConfig, make_settings, parse_list, run_benchmark, write_csv
+from ..models import load_model
+from .common import add_model_args
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="throughput (images/s, latency) of the dense and reduced models on random input",
+        description="Times engine forwards (provenance off, inference mode) on seeded random input; every setting "
+                    "is timed in interleaved rounds; reports the median with the IQR and min/max; writes DIR/results.csv.")
+    add_model_args(parser)
+    parser.add_argument("--methods", default="none,evit", help="comma list: none and registered methods (default none,evit); the dense model is always timed")
+    parser.add_argument("--keep-rates", default="0.7,0.5", help="comma list of keep rates for keep-rate methods (default 0.7,0.5)")
+    parser.add_argument("--r", default="13", help="comma list of ToMe r values (tokens merged per block; default 13), one setting each")
+    parser.add_argument("--batch-sizes", default="1,32", help="comma list of batch sizes (default 1,32)")
+    parser.add_argument("--amp", action="store_true", help="autocast: float16 on cuda, bfloat16 on cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, here the core count)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per setting and batch size (default 2)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per setting and batch size, interleaved (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    parser.add_argument("--provenance", action="store_true", help="also time each reduced setting with provenance tracking on and print its overhead")
+    parser.add_argument("--out", required=True, help="folder for results.csv")
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    # Everything that can fail on user input is checked before the model loads.
+    settings = make_settings(parse_list(args.methods, str, "--methods"), parse_list(args.keep_rates, float, "--keep-rates"),
+                             parse_list(args.r, int, "--r"))
+    config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "--batch-sizes")), warmup=args.warmup,
+                         repeats=args.repeats, amp=args.amp, threads=args.threads, seed=args.seed, provenance=args.provenance)
+    config.validate()
+    loaded = load_model(args.model, args.weights, args.device)
+    print(f"# {loaded.name}, weights {loaded.weights_label}, device {loaded.device}; "
+          f"{len(settings)} settings x {len(config.batch_sizes)} batch sizes, {config.warmup} warm-up + {config.repeats} timed calls each, "
+          f"interleaved; median with IQR and min/max", flush=True)
+
+    def progress(fraction: float, text: str) -> None:
+        sys.stderr.write(f"\r[{100 * fraction:5.1f}%] {text:<60}")
+        sys.stderr.flush()
+
+    rows = run_benchmark(loaded, settings, config, progress=progress if sys.stderr.isatty() else None)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    for row in rows:
+        print(row.describe())
+    path = write_csv(rows, args.out)
+    print(f"# wrote {path}")
+    return 0

@@ -1,0 +1,108 @@
+"""Speed: the throughput benchmark of `python -m analysis bench`, in the app.
+
+The same `analysis.bench.run_benchmark` as the CLI (random input, provenance off, inference mode,
+interleaved rounds, median with IQR), with a progress bar; the table and a chart of the measured
+speedup against the GMACs ratio. Nothing runs until the button is pressed.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+import torch
+
+from analysis.bench import CSV_COLUMNS, BenchConfig, dtype_label, make_settings, run_benchmark
+from analysis.methods import METHODS
+from analysis.models import TokenscopeError
+from ui.shared import model_sidebar, weights_badge
+
+KEEP_RATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TABLE_COLUMNS = ["method", "keep_rate", "r", "batch_size", "dtype", "device", "threads", "images_per_s",
+                 "latency_ms", "latency_ms_q1", "latency_ms_q3", "gmacs", "gmacs_ratio", "speedup_vs_dense"]
+
+
+def _label(name: str) -> str:
+    return METHODS[name].label if name in METHODS else name
+
+
+def speedup_figure(frame: pd.DataFrame) -> go.Figure:
+    """Measured speedup (median, whiskers from the IQR of the setting's latency) against the GMACs
+    ratio, one trace per method and batch size, with the line where speedup equals the GMACs ratio."""
+    figure = go.Figure()
+    reduced = frame[frame["method"] != "none"]
+    for (method, batch), group in reduced.groupby(["method", "batch_size"], sort=False):
+        dense_latency = frame[(frame["method"] == "none") & (frame["batch_size"] == batch)]["latency_ms"].iloc[0]
+        upper = dense_latency / group["latency_ms_q1"] - group["speedup_vs_dense"]
+        lower = group["speedup_vs_dense"] - dense_latency / group["latency_ms_q3"]
+        setting = [f"r={int(r)}" if pd.notna(r) and r != "" else f"keep {k:g}" for k, r in zip(group["keep_rate"], group["r"])]
+        figure.add_trace(go.Scatter(
+            x=group["gmacs_ratio"], y=group["speedup_vs_dense"], mode="markers", name=f"{_label(method)}, batch {batch}",
+            text=setting, marker={"size": 11},
+            error_y={"type": "data", "array": upper.clip(lower=0), "arrayminus": lower.clip(lower=0)},
+            hovertemplate="%{text}<br>GMACs ratio %{x:.2f}x<br>speedup %{y:.2f}x<extra>%{fullData.name}</extra>",
+        ))
+    top = max(2.0, float(reduced["gmacs_ratio"].max() if len(reduced) else 1.0), float(reduced["speedup_vs_dense"].max() if len(reduced) else 1.0)) * 1.05
+    figure.add_trace(go.Scatter(x=[1.0, top], y=[1.0, top], mode="lines", name="speedup = GMACs ratio",
+                                line={"dash": "dot", "color": "grey"}))
+    figure.update_layout(xaxis_title="GMACs ratio (dense / reduced)", yaxis_title="measured speedup over dense (median)",
+                         height=480, legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+def main() -> None:
+    st.set_page_config(page_title="tokenscope · Speed", layout="wide")
+    st.title("Speed: does token reduction make the model faster?")
+    st.caption("Seeded random input, provenance off, torch.inference_mode; each setting is warmed up, then timed in "
+               "interleaved rounds. Median latency per batch with its interquartile range (IQR); speedup = dense "
+               "median / reduced median from the same run. Same code as `python -m analysis bench`.")
+    choice = model_sidebar()
+    loaded = choice.loaded
+    if loaded is None:
+        return
+    st.caption(weights_badge(loaded))
+
+    runnable = [name for name, method in METHODS.items() if method.unavailable_reason(loaded.extras) is None]
+    unavailable = sorted(set(METHODS) - set(runnable))
+    left, middle, right = st.columns(3)
+    methods = left.multiselect("Methods (the dense model is always timed)", runnable,
+                               default=[m for m in ("evit", "tome") if m in runnable], format_func=_label, key="speed_methods")
+    keep_rates = left.multiselect("Keep rates", KEEP_RATES, default=[0.7, 0.5], key="speed_keep_rates")
+    r_value = left.number_input("ToMe r (tokens merged per block)", min_value=0, max_value=98, value=13, step=1, key="speed_r")
+    batch_sizes = middle.multiselect("Batch sizes", BATCH_SIZES, default=[32], key="speed_batch_sizes")
+    amp = middle.checkbox("Autocast (float16 on CUDA, bfloat16 on CPU)", key="speed_amp")
+    warmup = right.number_input("Warm-up calls per setting", min_value=0, max_value=20, value=2, key="speed_warmup")
+    repeats = right.number_input("Timed repeats per setting", min_value=1, max_value=200, value=10, key="speed_repeats")
+    st.caption(f"Runs on {loaded.device}, {dtype_label(loaded.device, amp)}, {torch.get_num_threads()} threads. "
+               + (f"Not offered here: {', '.join(_label(m) for m in unavailable)} (need weights this model does not have)." if unavailable else ""))
+
+    if st.button("Run benchmark", type="primary", key="speed_run"):
+        try:
+            if not batch_sizes:
+                raise TokenscopeError("choose at least one batch size")
+            if any(METHODS[m].uses_keep_rate for m in methods) and not keep_rates:
+                raise TokenscopeError("choose at least one keep rate for the keep-rate methods")
+            settings = make_settings(methods, keep_rates, [int(r_value)])
+            config = BenchConfig(batch_sizes=tuple(sorted(batch_sizes)), warmup=int(warmup), repeats=int(repeats), amp=amp)
+            bar = st.progress(0.0, text="starting")
+            rows = run_benchmark(loaded, settings, config, progress=lambda fraction, text: bar.progress(min(1.0, fraction), text=text))
+            bar.progress(1.0, text="done")
+        except TokenscopeError as err:
+            st.error(f"{err}. Change the settings above and run again.")
+            return
+        st.session_state["speed_result"] = (loaded.name, loaded.weights_label, [row.csv_record() for row in rows])
+
+    result = st.session_state.get("speed_result")
+    if result is None:
+        st.info("Choose the settings and press **Run benchmark**. On a CPU, DeiT-S at batch 32 takes about a second per forward.")
+        return
+    name, weights, records = result
+    frame = pd.DataFrame(records, columns=list(CSV_COLUMNS))
+    frame["r"] = pd.to_numeric(frame["r"], errors="coerce")
+    st.subheader(f"{name} · weights: {weights}")
+    st.dataframe(frame[TABLE_COLUMNS], hide_index=True, use_container_width=True)
+    st.plotly_chart(speedup_figure(frame), use_container_width=True)
+    st.download_button("Download results.csv", frame.to_csv(index=False).encode(), file_name="results.csv", mime="text/csv")
+
+
+main()

@@ -1,0 +1,144 @@
+"""The throughput benchmark: a well-formed results.csv from the real CLI, exact agreement of the
+reduced and the dense model at keep rate 1.0, and no N x N attention matrix anywhere in a benchmark.
+
+Timings themselves are not asserted (a shared 2-core machine is far too noisy for that); the
+efficiency goals are checked by running the benchmark (README, "Speed").
+"""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analysis.bench import CSV_COLUMNS, BenchConfig, BenchError, make_settings, run_benchmark
+from analysis.cli import main as cli_main
+from analysis.engine import ReductionPlan, run
+from analysis.methods import METHODS
+
+TINY = "deit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def cli_csv(tmp_path_factory):
+    """One real `python -m analysis bench` run on DeiT-T (real weights), tiny repeat counts."""
+    out = tmp_path_factory.mktemp("bench")
+    code = cli_main([
+        "bench", "--model", TINY, "--weights", "pretrained", "--device", "cpu", "--methods", "none,evit",
+        "--keep-rates", "0.7,0.5", "--batch-sizes", "1,2", "--warmup", "1", "--repeats", "2", "--out", str(out),
+    ])
+    assert code == 0
+    with (out / "results.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader)
+
+
+def test_cli_writes_well_formed_csv(cli_csv, capsys):
+    fieldnames, rows = cli_csv
+    assert tuple(fieldnames) == CSV_COLUMNS
+    assert fieldnames[:11] == ["model", "method", "keep_rate", "r", "batch_size", "dtype", "device",
+                               "images_per_s", "latency_ms", "gmacs", "speedup_vs_dense"]
+    # 2 batch sizes x (dense, evit 0.7, evit 0.5), dense first within each batch size
+    assert [(int(row["batch_size"]), row["method"], float(row["keep_rate"])) for row in rows] == [
+        (1, "none", 1.0), (1, "evit", 0.7), (1, "evit", 0.5), (2, "none", 1.0), (2, "evit", 0.7), (2, "evit", 0.5)]
+    for row in rows:
+        assert row["model"] == TINY and row["device"] == "cpu" and row["dtype"] == "float32"
+        assert row["r"] == ""
+        assert int(row["threads"]) == torch.get_num_threads() and int(row["repeats"]) == 2
+        latency, throughput = float(row["latency_ms"]), float(row["images_per_s"])
+        assert latency > 0 and math.isclose(throughput, 1000 * int(row["batch_size"]) / latency, rel_tol=1e-3)
+        assert float(row["latency_ms_min"]) <= float(row["latency_ms_q1"]) <= latency <= float(row["latency_ms_q3"]) <= float(row["latency_ms_max"])
+        assert float(row["speedup_vs_dense"]) > 0
+    dense = [row for row in rows if row["method"] == "none"]
+    assert all(float(row["speedup_vs_dense"]) == 1.0 for row in dense)
+    # GMACs from analysis/gmacs.py on the real token counts: DeiT-T dense 1.3, EViT 0.7 0.8 (methods.md §8)
+    assert round(float(dense[0]["gmacs"]), 1) == 1.3
+    evit = {float(row["keep_rate"]): row for row in rows if row["method"] == "evit" and row["batch_size"] == "2"}
+    assert round(float(evit[0.7]["gmacs"]), 1) == 0.8
+    assert float(evit[0.5]["gmacs"]) < float(evit[0.7]["gmacs"]) < float(dense[0]["gmacs"])
+    assert evit[0.7]["token_counts"].split()[-1] == "72" and evit[0.5]["token_counts"].split()[-1] == "28"
+    # speedup is the dense median over the setting's median, from the same run
+    for batch in ("1", "2"):
+        base = next(float(r["latency_ms"]) for r in rows if r["batch_size"] == batch and r["method"] == "none")
+        for row in (r for r in rows if r["batch_size"] == batch):
+            assert math.isclose(float(row["speedup_vs_dense"]), base / float(row["latency_ms"]), rel_tol=1e-3)
+
+
+def test_cli_unknown_method_is_one_line_exit_2(tmp_path, capsys):
+    code = cli_main(["bench", "--model", TINY, "--weights", "random", "--methods", "none,nosuchmethod", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "nosuchmethod" in err and "not registered" in err and "evit" in err
+    assert not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.parametrize("flags, word", [
+    (["--batch-sizes", "0"], "batch sizes"),
+    (["--batch-sizes", "a,b"], "--batch-sizes"),
+    (["--repeats", "0"], "repeats"),
+    (["--keep-rates", "1.5"], "keep rate"),
+])
+def test_cli_bad_values_are_one_line_exit_2(tmp_path, capsys, flags, word):
+    code = cli_main(["bench", "--model", TINY, "--weights", "random", "--out", str(tmp_path)] + flags)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and word in err
+
+
+def test_settings_dense_first_and_tome_uses_r():
+    settings = make_settings(["evit", "tome"] if "tome" in METHODS else ["evit"], [0.7, 0.5], [13, 8])
+    assert settings[0].method == "none" and settings[0].plan.is_dense
+    assert [(s.method, s.keep_rate) for s in settings if s.method == "evit"] == [("evit", 0.7), ("evit", 0.5)]
+    if "tome" in METHODS:
+        tome = [s for s in settings if s.method == "tome"]
+        assert [s.r for s in tome] == [13, 8] and [dict(s.plan.params)["r"] for s in tome] == [13, 8]
+    with pytest.raises(BenchError, match="not registered"):
+        make_settings(["evit", "nosuchmethod"])
+
+
+@pytest.fixture(scope="module")
+def dense_result(tiny, sample_batch):
+    return run(tiny.model, sample_batch, ReductionPlan(), track=False)
+
+
+@pytest.mark.parametrize("method", ["evit", "etps", "bat"])
+def test_keep_rate_one_equals_dense(tiny, sample_batch, dense_result, method):
+    """At keep rate 1.0 the reduced model is the dense model: logits identical (real images)."""
+    if method not in METHODS:
+        pytest.skip(f"{method} is not registered yet")
+    dense = dense_result
+    reduced = run(tiny.model, sample_batch, ReductionPlan.make(method, 1.0), track=False)
+    assert reduced.token_counts == dense.token_counts == [197] * 12
+    assert torch.equal(reduced.logits, dense.logits)
+
+
+def test_bench_forms_no_n_by_n_attention(tiny, monkeypatch):
+    """Spy on every softmax entry point and on SDPA while the benchmark runs every registered
+    method that runs off the shelf: no softmax over an N x N (N > 1) matrix, and the attention of
+    every block goes through the fused `scaled_dot_product_attention`."""
+    softmax_shapes: list[tuple[int, ...]] = []
+    sdpa_calls: list[tuple[int, ...]] = []
+
+    def spy(original, record):
+        def wrapper(tensor, *args, **kwargs):
+            record.append(tuple(tensor.shape))
+            return original(tensor, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(torch, "softmax", spy(torch.softmax, softmax_shapes))
+    monkeypatch.setattr(torch.Tensor, "softmax", spy(torch.Tensor.softmax, softmax_shapes))
+    monkeypatch.setattr(F, "softmax", spy(F.softmax, softmax_shapes))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy(F.scaled_dot_product_attention, sdpa_calls))
+    runnable = [name for name, method in METHODS.items() if method.unavailable_reason(tiny.extras) is None]
+    settings = make_settings(runnable, [0.7], [13])
+    rows = run_benchmark(tiny, settings, BenchConfig(batch_sizes=(2,), warmup=0, repeats=1))
+    assert len(rows) == len(settings)
+    reducing = [s for s in settings if s.method != "none"]
+    assert softmax_shapes, "the class-attention row goes through softmax; the spy saw nothing"
+    square = [shape for shape in softmax_shapes if len(shape) >= 2 and shape[-1] == shape[-2] and shape[-1] > 1]
+    assert square == []
+    # one token-count forward (GMACs) + one timed forward per setting, 12 blocks each
+    assert len(sdpa_calls) == 2 * 12 * len(settings)
+    assert all(shape[-2] > 1 for shape in sdpa_calls)
+    assert reducing

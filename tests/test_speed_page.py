@@ -1,0 +1,50 @@
+"""The Speed page through Streamlit's AppTest: it opens on DeiT-T (the cached weights), runs a tiny
+benchmark and shows the table (dense row speedup 1) and the speedup-vs-GMACs chart, without errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "2_Speed.py")
+
+
+def _page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=180)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_speed_page_runs_a_tiny_benchmark():
+    at = _page()
+    # The default DeiT-S weights are not cached here: the page falls back to DeiT-T and says so.
+    assert at.selectbox(key="model_name").value == "deit_tiny_patch16_224"
+    assert not at.get("plotly_chart"), "nothing runs before the button"
+    at.multiselect(key="speed_methods").set_value(["evit"])
+    at.multiselect(key="speed_keep_rates").set_value([0.7])
+    at.multiselect(key="speed_batch_sizes").set_value([1])
+    at.number_input(key="speed_warmup").set_value(0)
+    at.number_input(key="speed_repeats").set_value(1)
+    at.run()
+    at.button(key="speed_run").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error
+    frame = at.dataframe[0].value
+    assert list(frame["method"]) == ["none", "evit"]
+    assert list(frame["batch_size"]) == [1, 1]
+    assert frame["speedup_vs_dense"].iloc[0] == 1.0
+    assert (frame["images_per_s"] > 0).all() and (frame["device"] == "cpu").all()
+    assert frame["gmacs_ratio"].iloc[1] > 1.4  # EViT 0.7 on DeiT-T: 1.3 / 0.8 GMACs
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_speed_page_bad_settings_show_an_error():
+    at = _page()
+    at.multiselect(key="speed_batch_sizes").set_value([])
+    at.run()
+    at.button(key="speed_run").click()
+    at.run()
+    assert not at.exception
+    assert at.error and "batch size" in at.error[0].value
