@@ -14,11 +14,12 @@ so a merged token weighs what its patches would have weighed unmerged. Per-token
 divides by the number of rows (unweighted) or by the total weight `sum_i s_i` (weighted), so that
 sequences of different lengths compare.
 
-Computation: for one channel, `sum_i w_i |z_i - z_j|` for every `j` follows from the values sorted
-once and prefix sums of `w` and `w z` (O(N log N) per channel instead of O(N^2)); summing over
-channels gives each candidate's cost, and the minimum is r. Exact, float64, vectorised over the
-batch, channels and candidates (no Python loop over tokens). `pairwise_l1_cost` is the plain
-O(N^2 C) reference, used by the tests.
+Computation, exact and in float64, vectorised over the batch (no Python loop over tokens):
+- up to `SORT_ABOVE` tokens: all pairwise l1 distances with `torch.cdist(p=1)`, in chunks of
+  candidates (O(N^2 C); the fastest on CPU and GPU at ViT sizes);
+- longer sequences: per channel, `sum_i w_i |z_i - z_j|` for every `j` from the values sorted once
+  and prefix sums of `w` and `w z` (O(C N log N)); summed over channels it gives each candidate's
+  cost. The tests check both against a brute-force loop.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 CENTRES = ("medoid", "median")
+SORT_ABOVE = 1024  # tokens; beyond this the O(N log N) sorted form beats the pairwise distances
 
 
 def _validate(tokens: torch.Tensor, sizes: torch.Tensor | None, centre: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -61,6 +63,13 @@ def candidate_costs(tokens: torch.Tensor, sizes: torch.Tensor | None = None) -> 
     Returns:
         [B, N] float64.
     """
+    if tokens.shape[-2] > SORT_ABOVE:
+        return sorted_candidate_costs(tokens, sizes)
+    return pairwise_l1_cost(tokens, sizes)
+
+
+def sorted_candidate_costs(tokens: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """`candidate_costs` by sorting each channel once and prefix sums, O(C N log N). Same args / returns."""
     z, w, _ = _validate(tokens, sizes, "medoid")
     values, order = z.sort(dim=1)                                   # [B, N, C] per channel
     w_sorted = w.unsqueeze(-1).expand_as(z).gather(1, order)         # weights in each channel's order
@@ -77,10 +86,8 @@ def candidate_costs(tokens: torch.Tensor, sizes: torch.Tensor | None = None) -> 
 
 
 def pairwise_l1_cost(tokens: torch.Tensor, sizes: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
-    """Reference O(N^2 C) version of `candidate_costs` via `torch.cdist(p=1)` in chunks of candidates.
-
-    Args / returns as `candidate_costs`.
-    """
+    """`candidate_costs` from all pairwise l1 distances, `torch.cdist(p=1)` in chunks of `chunk`
+    candidates, O(N^2 C). Same args / returns."""
     z, w, _ = _validate(tokens, sizes, "medoid")
     out = []
     for start in range(0, z.shape[1], chunk):
@@ -137,6 +144,20 @@ def diversity_score(
     if per_token:
         score = score / w.sum(-1).clamp(min=torch.finfo(torch.float64).tiny)
     return float(score[0]) if single else score.cpu()
+
+
+def diversity_per_block_both(result: Any, centre: str = "medoid", size_weighted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, per-token) r(Z) of every block's output, [B, depth] each, from one computation.
+
+    The per-token value divides by the number of non-cls tokens (or their total size when
+    `size_weighted`). Raises ValueError when the result kept no block outputs.
+    """
+    raw = diversity_per_block(result, centre, False, size_weighted)
+    if size_weighted:
+        totals = [sizes[:, 1:].double().sum(1).cpu().numpy() for sizes in result.block_sizes]
+    else:
+        totals = [np.full(raw.shape[0], output.shape[1] - 1, dtype=np.float64) for output in result.block_outputs]
+    return raw, raw / np.maximum(np.stack(totals, axis=1), np.finfo(np.float64).tiny)
 
 
 def diversity_per_block(result: Any, centre: str = "medoid", per_token: bool = False, size_weighted: bool = False) -> np.ndarray:

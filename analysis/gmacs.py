@@ -158,7 +158,7 @@ def _bat(s: StageShape) -> tuple[float, float]:
         return _cls_row(s), 0.0
     attentive = kept_count(s.keep_rate, s.n_in)
     inattentive = s.n_in - attentive
-    d = s.channels // s.heads
+    d = s.channels if s.params.get("match_on") == "hidden" else s.channels // s.heads
     distances = inattentive * inattentive * s.channels               # DPC-kNN on the inattentive tokens
     matching = math.ceil(attentive / 2) * (attentive // 2) * d        # bipartite matching on the attentive keys
     return _cls_row(s) + distances + matching, s.n_in * s.channels   # every token enters one weighted mean

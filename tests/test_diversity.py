@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.diversity import candidate_costs, diversity_per_block, diversity_score, pairwise_l1_cost, weighted_median
+from analysis.diversity import (candidate_costs, diversity_per_block, diversity_score, pairwise_l1_cost, sorted_candidate_costs,
+                                weighted_median)
 from analysis.engine import ReductionPlan, run
 
 
@@ -30,6 +31,7 @@ def test_medoid_matches_brute_force_on_small_matrices():
         z = torch.randn(n, c, generator=generator)
         assert diversity_score(z) == pytest.approx(brute_medoid(z.numpy()), rel=1e-12, abs=1e-12)
         assert diversity_score(z, per_token=True) == pytest.approx(brute_medoid(z.numpy()) / n, rel=1e-12)
+        assert sorted_candidate_costs(z.unsqueeze(0)).min().item() == pytest.approx(brute_medoid(z.numpy()), rel=1e-12, abs=1e-12)
     # ties and repeated rows
     z = torch.tensor([[0.0, 1.0], [0.0, 1.0], [2.0, -1.0], [0.0, 1.0]])
     assert diversity_score(z) == pytest.approx(brute_medoid(z.numpy()))
@@ -39,8 +41,11 @@ def test_sorted_costs_equal_pairwise_cdist():
     generator = torch.Generator().manual_seed(1)
     z = torch.randn(3, 40, 11, generator=generator)
     sizes = torch.randint(1, 6, (3, 40), generator=generator).float()
-    torch.testing.assert_close(candidate_costs(z), pairwise_l1_cost(z, chunk=7), rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(candidate_costs(z, sizes), pairwise_l1_cost(z, sizes), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(sorted_candidate_costs(z), pairwise_l1_cost(z, chunk=7), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(sorted_candidate_costs(z, sizes), pairwise_l1_cost(z, sizes), rtol=1e-12, atol=1e-10)
+    # long sequences take the sorted form
+    z = torch.randn(1, 1100, 4, generator=generator)
+    torch.testing.assert_close(candidate_costs(z), pairwise_l1_cost(z), rtol=1e-12, atol=1e-8)
 
 
 def test_size_weighting_equals_repeating_tokens():
@@ -95,3 +100,13 @@ def test_bad_arguments():
         diversity_score(torch.zeros(3, 2), centre="mean")
     with pytest.raises(ValueError, match="sizes"):
         diversity_score(torch.zeros(3, 2), sizes=torch.ones(4))
+
+
+def test_raw_and_per_token_together(tiny, sample_batch):
+    from analysis.diversity import diversity_per_block_both
+
+    result = run(tiny.model, sample_batch[:2], ReductionPlan.make("evit", 0.7), keep_block_outputs=True, track=False)
+    for weighted in (False, True):
+        raw, per_token = diversity_per_block_both(result, "medoid", weighted)
+        np.testing.assert_allclose(raw, diversity_per_block(result, size_weighted=weighted), rtol=1e-12)
+        np.testing.assert_allclose(per_token, diversity_per_block(result, per_token=True, size_weighted=weighted), rtol=1e-12)

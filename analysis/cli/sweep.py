@@ -1,0 +1,56 @@
+"""`python -m analysis sweep --data DIR ...`: top-1/top-5, GMACs, diversity and throughput per method x keep rate."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..sweep import SweepConfig, SweepError, run_sweep
+from .common import add_crop_arg, add_model_args
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SweepError(f"--keep-rates must be comma-separated numbers such as 1.0,0.9,0.7, got {text!r}") from None
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("sweep", help="accuracy, GMACs, diversity and throughput per method and keep rate over a labelled folder")
+    parser.add_argument("--data", required=True, help="ImageNet-style folder: WordNet-id folders, index folders, or flat images + a 'filename index' file")
+    parser.add_argument("--labels", default=None, help="ground-truth file of 'filename index' lines for a flat folder (default: found in --data)")
+    add_model_args(parser)
+    parser.add_argument("--methods", default="evit,etps,bat,dpc,tome", help="comma list of methods ('none' = dense) (default evit,etps,bat,dpc,tome)")
+    parser.add_argument("--keep-rates", default="1.0,0.9,0.8,0.7,0.6,0.5", help="comma list of keep rates in (0, 1] (ToMe: r matched to each budget)")
+    add_crop_arg(parser)
+    parser.add_argument("--limit", type=int, default=None, help="at most N images, evenly spaced over the sorted files")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images")
+    parser.add_argument("--out", default="runs/sweep", help="output folder for results.json and results.csv (default runs/sweep)")
+    parser.add_argument("--diversity-centre", default="medoid", choices=("medoid", "median"), help="centre of r(Z): medoid (BAT's) or channel-wise median")
+    parser.add_argument("--diversity-size-weighted", action="store_true", help="weight each token by the patches it holds in r(Z)")
+    parser.add_argument("--diversity-images", type=int, default=500, help="average r(Z) over this many images, evenly spaced (0 = none; default 500)")
+    parser.add_argument("--tome-schedule", default="constant", choices=("constant", "matched"), help="ToMe's r at each keep rate's budget: one constant r, or a per-block list")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = SweepConfig(
+        data=args.data, labels=args.labels, model=args.model, weights=args.weights, device=args.device,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), keep_rates=_floats(args.keep_rates),
+        crop_pct=args.crop_pct, limit=args.limit, batch_size=args.batch_size, workers=args.workers, out=args.out,
+        diversity_centre=args.diversity_centre, diversity_size_weighted=args.diversity_size_weighted,
+        tome_schedule=args.tome_schedule, diversity_images=args.diversity_images,
+    )
+    outcome = run_sweep(config, show_bar=not args.quiet)
+    rows = [r for r in outcome.rows if r.get("model") == outcome.config["model"]]
+    if outcome.config.get("is_random"):
+        print("WARNING: random weights: accuracies are meaningless", file=sys.stderr)
+    print(f"{outcome.ran} settings run, {outcome.skipped_settings} already done; results in {outcome.out}/results.json and results.csv")
+    print(f"{'method':<22}{'keep':>6}  {'params':<18}{'top1':>7}{'top5':>7}{'GMACs':>7}{'img/s':>9}  n (skipped)")
+    for row in rows:
+        params = ",".join(f"{k}={v}" for k, v in row["params"].items())
+        print(f"{row['label']:<22}{row['keep_rate']:>6.2f}  {params:<18}{row['top1']:>7.2f}{row['top5']:>7.2f}{row['gmacs']:>7.2f}"
+              f"{row['images_per_s']:>9.1f}  {row['n_images']} ({row['n_skipped']})")
+    return 0

@@ -1,0 +1,170 @@
+"""Sweeps over the real ImageNet sample: accuracy per keep rate, GMACs, diversity, resuming, errors.
+
+The 100-image sweep (DeiT-T, EViT at 1.0, 0.7, 0.5) runs once per session in `sample_sweep`; the
+figures and Curves-page tests import the same fixture (a rerun in the same folder resumes: nothing
+is recomputed)."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.engine import ReductionPlan
+from analysis.gmacs import plan_gmacs
+from analysis.sweep import CSV_COLUMNS, SweepConfig, SweepError, build_settings, load_results, run_sweep
+
+from conftest import ROOT, SAMPLE_DIR, TINY
+
+KEEP_RATES = (1.0, 0.7, 0.5)
+
+
+@pytest.fixture(scope="session")
+def sample_sweep(tmp_path_factory, tiny):
+    """results of `sweep --data ../shared/imagenet-sample/val --model deit_tiny --methods evit --keep-rates 1.0,0.7,0.5`."""
+    out = tmp_path_factory.getbasetemp() / "sample-sweep"
+    config = SweepConfig(data=str(SAMPLE_DIR), model=TINY, weights="pretrained", methods=("evit",), keep_rates=KEEP_RATES,
+                         batch_size=50, workers=2, out=str(out), device="cpu", diversity_images=100)
+    outcome = run_sweep(config, loaded=tiny, show_bar=False)
+    return out, outcome
+
+
+def _rows(outcome):
+    return {row["keep_rate"]: row for row in outcome.rows if row["method"] == "evit"}
+
+
+def test_dense_top1_equals_inspect_image_by_image(sample_sweep, tiny, sample_files):
+    from analysis.inspect import inspect_batch
+    from analysis.models import imagenet_wnids, load_image
+
+    _, outcome = sample_sweep
+    rows = _rows(outcome)
+    wnids = imagenet_wnids()
+    inspection = inspect_batch(tiny, [load_image(path) for path in sample_files], ReductionPlan(), crop_pct=None)
+    predicted = inspection.dense.logits.argmax(1).tolist()
+    correct = sum(int(p == wnids.index(path.parent.name)) for p, path in zip(predicted, sample_files))
+    assert rows[1.0]["n_images"] == 100 and rows[1.0]["n_skipped"] == 0
+    assert rows[1.0]["top1"] == pytest.approx(correct)  # 100 images: percent = count
+    assert rows[1.0]["top1"] >= 75
+
+
+def test_accuracy_falls_with_the_keep_rate(sample_sweep):
+    _, outcome = sample_sweep
+    rows = _rows(outcome)
+    top1 = [rows[rate]["top1"] for rate in KEEP_RATES]
+    assert top1[0] >= top1[1] >= top1[2] and top1[0] > top1[2], top1
+    for row in rows.values():
+        assert row["top5"] >= row["top1"]
+
+
+def test_rows_hold_gmacs_diversity_and_throughput(sample_sweep, tiny):
+    out, outcome = sample_sweep
+    rows = _rows(outcome)
+    for rate, row in rows.items():
+        assert row["gmacs"] == pytest.approx(plan_gmacs(tiny.model, ReductionPlan.make("evit", rate)))
+        assert len(row["diversity"]) == 12 and len(row["diversity_per_token"]) == 12
+        assert row["images_per_s"] > 0 and row["seconds"] > 0
+        assert row["crop_pct"] == pytest.approx(0.9)  # DeiT's timm data config (the papers use 0.875)
+        assert row["diversity_images"] == 100
+    assert round(rows[1.0]["gmacs"], 1) == 1.3 and round(rows[0.7]["gmacs"], 1) == 0.8
+    assert rows[0.7]["token_counts"] == [197, 197, 197, 140, 140, 140, 100, 100, 100, 72, 72, 72]
+    # before the first reducing layer the tokens are the dense model's: same diversity
+    assert rows[0.5]["diversity"][:3] == pytest.approx(rows[1.0]["diversity"][:3], rel=1e-9)
+    assert rows[0.5]["diversity"][3] < rows[1.0]["diversity"][3]  # half the tokens: far less total spread
+    with open(out / "results.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        assert len(list(reader)) == 3
+    content = json.loads((out / "results.json").read_text())
+    assert content["config"]["data"] == str(SAMPLE_DIR.resolve())
+    assert not (out / "partial.json").exists()
+
+
+def test_rerun_skips_finished_settings(sample_sweep, tiny):
+    out, first = sample_sweep
+    config = SweepConfig(data=str(SAMPLE_DIR), model=TINY, methods=("evit",), keep_rates=KEEP_RATES, batch_size=50, workers=0,
+                         out=str(out), diversity_images=100)
+    again = run_sweep(config, loaded=tiny, show_bar=False)
+    assert again.ran == 0 and again.skipped_settings == 3
+    assert [r["top1"] for r in again.rows] == [r["top1"] for r in first.rows]
+
+
+def _small_layout(tmp_path, sample_files) -> Path:
+    root = tmp_path / "data"
+    for path in sample_files[::20]:
+        (root / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (root / path.parent.name / path.name).symlink_to(path)
+    (root / sample_files[0].parent.name / "corrupt.JPEG").write_bytes(b"not a jpeg at all")
+    return root
+
+
+def test_interrupted_pass_resumes_to_the_same_result(tmp_path, tiny, sample_files):
+    root = _small_layout(tmp_path, sample_files)  # 5 photos + 1 corrupt file
+    base = dict(data=str(root), model=TINY, methods=("evit",), keep_rates=(0.6,), batch_size=2, workers=0, checkpoint_every=1,
+                diversity_images=3)
+    clean = run_sweep(SweepConfig(**base, out=str(tmp_path / "clean")), loaded=tiny, show_bar=False).rows[0]
+    assert clean["n_images"] == 5 and clean["n_skipped"] == 1
+    assert "corrupt.JPEG" in clean["skipped_files"][0]
+
+    calls = []
+
+    def stop_after_two_batches(fraction, message):
+        calls.append(fraction)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    resumed_out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(SweepConfig(**base, out=str(resumed_out)), loaded=tiny, progress=stop_after_two_batches, show_bar=False)
+    state = json.loads((resumed_out / "partial.json").read_text())
+    assert list(state["tallies"].values())[0]["batches"] == 2
+    resumed = run_sweep(SweepConfig(**base, out=str(resumed_out)), loaded=tiny, show_bar=False)
+    row = resumed.rows[0]
+    assert row["diversity_images"] == clean["diversity_images"] == 2  # 3 evenly spaced files, one of them the corrupt one
+    for field in ("top1", "top5", "n_images", "n_skipped", "gmacs", "diversity", "diversity_per_token"):
+        assert row[field] == pytest.approx(clean[field], rel=1e-9), field
+
+
+def test_every_registered_method_runs_at_a_matched_budget(tmp_path, tiny, sample_files):
+    from analysis.methods import METHODS
+
+    methods = tuple(m for m in ("evit", "etps", "bat", "dpc", "tome") if m in METHODS)
+    settings = build_settings(methods, (1.0, 0.7), tiny, "constant")
+    if "tome" in methods:
+        tome = {s.keep_rate: s for s in settings if s.method == "tome"}
+        assert tome[1.0].params_dict() == {"r": 0}
+        assert 0 < tome[0.7].params_dict()["r"] < 20
+    root = _small_layout(tmp_path, sample_files)
+    outcome = run_sweep(SweepConfig(data=str(root), model=TINY, methods=methods, keep_rates=(0.7,), batch_size=5, workers=0,
+                                    out=str(tmp_path / "all")), loaded=tiny, show_bar=False)
+    assert {row["method"] for row in outcome.rows} == set(methods)
+    dense = plan_gmacs(tiny.model, ReductionPlan())
+    for row in outcome.rows:
+        assert 0.5 * dense < row["gmacs"] < 0.8 * dense, row["method"]
+        assert row["n_images"] == 5 and 0 <= row["top1"] <= 100
+    if "tome" in methods:
+        assert "r" in next(r for r in outcome.rows if r["method"] == "tome")["params"]
+
+
+def test_bad_sweeps_say_why(tmp_path, tiny):
+    with pytest.raises(SweepError, match="not registered"):
+        build_settings(("evit", "nosuch"), (0.7,), tiny)
+    with pytest.raises(SweepError, match=r"keep rate must be in \(0, 1\]"):
+        build_settings(("evit",), (1.5,), tiny)
+    with pytest.raises(SweepError, match="no results file"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"hello": 1}')
+    with pytest.raises(SweepError, match="not a tokenscope results file"):
+        load_results(tmp_path)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis", "sweep", "--data", str(tmp_path / "missing"), "--model", TINY, "--out", str(tmp_path / "o")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
