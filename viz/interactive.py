@@ -19,7 +19,7 @@ from .overlays import (
 
 def dispatch_figure(crop: Image.Image, record: StageRecord, grid: tuple[int, int], *, scale: int = 2,
                     title: str | None = None) -> go.Figure:
-    """Interactive TPS dispatch map (methods.md §3): the static `dispatch_view` (without its arrows'
+    """Interactive TPS dispatch map (methods.md §3): the static `dispatch_view` (without its arrows and
     legend) as the background, one arrow per pruned patch to its host with opacity = squeeze weight,
     and hover on every pruned patch showing the patch (index, row, column), its host token and the
     weight; hover on a host shows its token index and how many patches it received.
@@ -32,7 +32,7 @@ def dispatch_figure(crop: Image.Image, record: StageRecord, grid: tuple[int, int
     Raises:
         ValueError: the record has no dispatch information.
     """
-    background = dispatch_view(crop, record, grid, scale=scale, legend=False)
+    background = dispatch_view(crop, record, grid, scale=scale, legend=False, arrows=False)
     width, height = background.size
     rows, cols = grid
     patch_px = (height // rows, width // cols)

@@ -462,12 +462,14 @@ def _draw_arrow(draw: ImageDraw.ImageDraw, start, end, colour, alpha: int, width
 
 
 def dispatch_view(crop: Image.Image, record: StageRecord, grid: tuple[int, int], *, scale: int = 2,
-                  legend: bool = True) -> Image.Image:
+                  legend: bool = True, arrows: bool = True) -> Image.Image:
     """TPS dispatch map of one stage (methods.md §3): every pruned patch tinted with its host's
     colour (`TINT_ALPHA`), an arrow from the pruned patch to its host with opacity = the squeeze
     weight `e^{c_jh} / den_h` (`patch_weight`), and each host's own region outlined in its colour.
 
-    Patches discarded at an earlier stage are dimmed. Host location: `host_locations`.
+    Patches discarded at an earlier stage are dimmed. Host location: `host_locations`. Each arrow
+    is a white core over a black shadow, both at opacity = weight. `arrows=False` leaves them out
+    (the plotly version draws its own).
 
     Returns:
         RGB image of (W * scale, H * scale + legend) pixels.
@@ -500,7 +502,7 @@ def dispatch_view(crop: Image.Image, record: StageRecord, grid: tuple[int, int],
     draw = ImageDraw.Draw(layer)
     centres = patch_centres(grid, patch_px)
     order = np.argsort(record.patch_weight[pruned])  # strongest arrows last, on top
-    for patch in np.flatnonzero(pruned)[order].tolist():
+    for patch in (np.flatnonzero(pruned)[order].tolist() if arrows else []):
         weight = float(np.clip(record.patch_weight[patch], 0.0, 1.0))
         alpha = int(round(255 * weight))
         start, end = centres[patch], hosts[int(p2t[patch])]
