@@ -32,8 +32,10 @@ class TokenAssignment:
         kinds: [B, n_out] long codes into `KINDS`.
         pruned: optional [B, N] bool, the tokens that lost their own slot at this stage (pruned
             and fused or squeezed into a host); the dispatch maps draw these.
-        extra: optional per-patch arrays [B, P] a method wants on its stage record, computed from
-            the patch-level provenance by the method itself (e.g. a predictor's keep score).
+        extra: optional arrays a method wants on its stage record, copied as they are; per patch
+            [B, P] or per output token [B, n_out], as the method documents (e.g. TPS's "dispatch":
+            [B, n_out] self weight of every output token; its presence makes the CLI JSON list the
+            dispatched patches).
     """
 
     dest: torch.Tensor

@@ -30,7 +30,8 @@ def _plan_error(message: str) -> Exception:
 def r_at_stage(r: int | Sequence[int], stage: int) -> int:
     """The merges at reducing stage `stage` (0-based) for a constant r or a per-stage list.
 
-    Raises PlanError when the list is shorter than the number of reducing layers."""
+    Raises PlanError when the list is shorter than the number of reducing layers (the method
+    cannot see the plan's length, so entries beyond the last reducing layer are simply unused)."""
     if isinstance(r, (list, tuple)):
         if stage >= len(r):
             raise _plan_error(
