@@ -8,17 +8,22 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import streamlit as st
 import torch
+from PIL import Image
 
 from analysis.models import (
     DEFAULT_MODEL,
     MODEL_CHOICES,
     LoadedModel,
     TokenscopeError,
+    crop_only_transform,
     first_cached_model,
     load_model,
+    preprocess,
     weights_cached,
 )
 
@@ -62,8 +67,15 @@ def model_sidebar(key: str = "model") -> ModelChoice:
     """
     sidebar = st.sidebar
     default_name = st.session_state.get(f"{key}_fallback", DEFAULT_MODEL)
-    name = sidebar.selectbox("Model", MODEL_CHOICES, index=MODEL_CHOICES.index(default_name), key=f"{key}_name",
-                             help="timm ViT with a class token")
+    # A widget's state may only be set before the widget is created: the fallback is applied here,
+    # on the rerun that follows the failed load.
+    pending = st.session_state.pop(f"{key}_pending", None)
+    if pending is not None:
+        st.session_state[f"{key}_name"] = pending
+    # The index is only a default: once the widget's state exists (or the fallback set it), passing
+    # it as well makes Streamlit warn.
+    index = {} if f"{key}_name" in st.session_state else {"index": MODEL_CHOICES.index(default_name)}
+    name = sidebar.selectbox("Model", MODEL_CHOICES, key=f"{key}_name", help="timm ViT with a class token", **index)
     source = sidebar.radio("Weights", WEIGHT_SOURCES, key=f"{key}_weights", horizontal=True,
                            help="pretrained: timm's Hugging Face download and cache; checkpoint: a local .pth/.pt/.safetensors; random: untrained (shapes and GMACs only)")
     weights = source
@@ -83,7 +95,7 @@ def model_sidebar(key: str = "model") -> ModelChoice:
             fallback = first_cached_model()
             if fallback is not None:
                 st.session_state[f"{key}_fallback"] = fallback
-                st.session_state[f"{key}_name"] = fallback
+                st.session_state[f"{key}_pending"] = fallback
                 st.session_state[f"{key}_fallback_note"] = (
                     f"{DEFAULT_MODEL}'s weights are not cached and cannot be downloaded; opened on {fallback}, whose weights are cached."
                 )
@@ -102,3 +114,61 @@ def weights_badge(loaded: LoadedModel) -> str:
     """One line for every output: model, weights (random spelt out) and device."""
     text = f"{loaded.name} · weights: {loaded.weights_label} · device: {loaded.device}"
     return f"⚠️ {text}" if loaded.is_random else text
+
+
+# --- one image through one plan, cached (the main page's per-image results) ----------------------
+@dataclass
+class ImageAnalysis:
+    """One image through one ReductionPlan, reduced to what a page draws (numpy and plain values).
+
+    Defined here, not in a page script, so `st.cache_data` can pickle it across reruns.
+
+    Attributes:
+        plan: the plan that ran.
+        token_counts: tokens (cls included) leaving each block.
+        stages: one `viz.overlays.StageRecord` per reduction stage (provenance, methods.md §7).
+        top5: the 5 most probable ImageNet classes as {index, label, prob}.
+        gmacs: `analysis.gmacs.gmacs_report` of the plan with the actual token counts.
+        diversity: [depth] r(Z) of each block's output, per token (methods.md §5).
+    """
+
+    plan: Any
+    token_counts: list[int]
+    stages: list[Any]
+    top5: list[dict[str, Any]]
+    gmacs: dict[str, float]
+    diversity: np.ndarray
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def model_crop(digest: str, name: str, weights: str, device: str, crop_pct: float | None, _image) -> Image.Image:
+    """The exact crop the model sees (resize + centre crop, no normalisation) of the image whose
+    bytes hash to `digest` (`_image` is not hashed: the digest stands for it)."""
+    loaded = cached_model(name, weights, device)
+    return crop_only_transform(loaded.model, crop_pct)(_image).convert("RGB")
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_pct: float | None, _image) -> ImageAnalysis:
+    """Run `plan` (an `analysis.engine.ReductionPlan`) on one PIL image, cached by (image bytes
+    hash `digest`, model, weights, device, plan, crop).
+
+    Raises PlanError / TokenscopeError when the plan cannot run on this model.
+    """
+    from analysis.diversity import diversity_per_block
+    from analysis.engine import run
+    from analysis.gmacs import gmacs_report
+    from analysis.inspect import top_k
+    from viz.overlays import StageRecord
+
+    loaded = cached_model(name, weights, device)
+    batch = preprocess([_image], loaded.model, crop_pct).to(loaded.device)
+    result = run(loaded.model, batch, plan, extras=loaded.extras, keep_block_outputs=True)
+    return ImageAnalysis(
+        plan=plan,
+        token_counts=list(result.token_counts),
+        stages=[StageRecord.from_stage(stage, 0) for stage in result.stages],
+        top5=top_k(result.logits, 5)[0],
+        gmacs=gmacs_report(loaded.model, plan, loaded.extras, list(result.token_counts)),
+        diversity=diversity_per_block(result, per_token=True)[0],
+    )

@@ -1,0 +1,361 @@
+"""tokenscope: see what token pruning and merging do inside a Vision Transformer.
+
+Run with `streamlit run app.py`. This script only wires things together: models come from
+`ui.shared` (cached with st.cache_resource), the forward passes from `analysis`, the pictures from
+`viz`. Every forward pass is cached with st.cache_data by (image hash, model, weights, device,
+ReductionPlan, crop), so moving a slider re-runs only what changed and never reloads the model.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from analysis.engine import PlanError, ReductionPlan
+from analysis.methods import METHODS, ParamSpec, get_method
+from analysis.methods.tome import matched_r_schedule
+from analysis.models import (
+    PAPER_CROP_PCT,
+    ImageLoadError,
+    LoadedModel,
+    TokenscopeError,
+    data_config,
+    load_image,
+)
+from ui.shared import ImageAnalysis as Analysis
+from ui.shared import analyse_image as analyse
+from ui.shared import model_crop, model_sidebar, weights_badge
+from viz.interactive import dispatch_figure, html_bytes
+from viz.overlays import (
+    VIEW_NAMES,
+    Panel,
+    attention_view,
+    comparison_row,
+    png_bytes,
+    stage_view,
+    suggested_view,
+    with_banner,
+)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Sample photos (assets/CREDITS.md gives sources and licences); the first opens the page.
+SAMPLES: dict[str, str] = {
+    "Chelsea the cat": "cat.jpg",
+    "Coffee cup": "coffee.jpg",
+    "Rocket launch": "rocket.jpg",
+    "Astronaut Eileen Collins": "astronaut.jpg",
+}
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
+DEFAULT_LAYERS = "4,7,10"
+# The comparison row of BAT's figure, then eTPS and ToMe (methods.md §2-§6).
+COMPARISON = (
+    ("(b) importance-based: EViT", "evit", {"fuse": False}),
+    ("(c) diversity-based: DPC-kNN", "dpc", {}),
+    ("(d) BAT (reconstructed)", "bat", {}),
+    ("(e) eTPS", "etps", {}),
+    ("(f) ToMe", "tome", {}),
+)
+
+
+# --- inputs ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """What the sidebar chose."""
+
+    methods: tuple[str, ...]
+    keep_rate: float
+    layers: tuple[int, ...] | None
+    crop_pct: float | None
+    params: dict[str, dict[str, Any]]
+
+
+def parse_layers(text: str) -> tuple[int, ...] | None:
+    """'4, 7, 10' -> (4, 7, 10); empty -> None (each method's default). Raises PlanError."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        return None
+    try:
+        return tuple(int(part) for part in parts)
+    except ValueError:
+        raise PlanError(f"reduction layers must be comma-separated block numbers such as 4,7,10, got {text!r}") from None
+
+
+def param_widget(container, method: str, spec: ParamSpec) -> Any:
+    """One widget built from a method's ParamSpec; returns the parsed value (ValueError if bad)."""
+    key = f"param_{method}_{spec.name}"
+    label = spec.name.replace("_", " ")
+    if spec.kind == "bool":
+        return container.checkbox(label, value=bool(spec.default), help=spec.help, key=key)
+    if spec.kind == "choice":
+        return container.selectbox(label, spec.choices, index=spec.choices.index(spec.default), help=spec.help, key=key)
+    if spec.kind == "int_list":
+        default = ",".join(map(str, spec.default)) if isinstance(spec.default, tuple) else str(spec.default)
+        return spec.parse(container.text_input(label, value=default, help=spec.help, key=key))
+    if spec.kind == "int":
+        return spec.parse(container.number_input(label, value=int(spec.default), step=1, help=spec.help, key=key,
+                                                 min_value=None if spec.minimum is None else int(spec.minimum),
+                                                 max_value=None if spec.maximum is None else int(spec.maximum)))
+    return spec.parse(container.number_input(label, value=float(spec.default), help=spec.help, key=key, format="%.3f",
+                                             min_value=None if spec.minimum is None else float(spec.minimum),
+                                             max_value=None if spec.maximum is None else float(spec.maximum)))
+
+
+def method_sidebar(loaded: LoadedModel) -> Settings:
+    """Method multiselect, keep rate, layers, crop and each chosen method's parameters."""
+    sidebar = st.sidebar
+    sidebar.header("Reduction")
+    available = ["none"] + [name for name, m in METHODS.items() if m.unavailable_reason(loaded.extras) is None]
+    unavailable = {name: m.unavailable_reason(loaded.extras) for name, m in METHODS.items() if name not in available}
+    chosen = sidebar.multiselect(
+        "Methods", available, default=["evit"], key="methods",
+        format_func=lambda name: "none (dense model only)" if name == "none" else get_method(name).label,
+        help="One tab per method. 'none' shows only the dense model.",
+    )
+    # Methods that cannot run with these weights appear disabled, with the reason (grouped when shared).
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in unavailable.items():
+        sidebar.checkbox(f"{get_method(name).label} (unavailable)", value=False, disabled=True, key=f"off_{name}", help=reason)
+        by_reason.setdefault(reason, []).append(get_method(name).label)
+    for reason, labels in by_reason.items():
+        sidebar.caption(f"{' and '.join(labels)} unavailable: {reason}")
+    keep_rate = sidebar.slider("Keep rate", 0.05, 1.0, 0.7, 0.05, key="keep_rate",
+                               help="rho: the fraction of non-cls tokens kept at each reducing layer (EViT, eTPS, BAT, DPC, dTPS, DynamicViT)")
+    layers_text = sidebar.text_input("Reduction layers (1-based)", DEFAULT_LAYERS, key="layers",
+                                     help="Blocks where the keep-rate methods reduce, as the papers count (4,7,10). ToMe merges in every block.")
+    default_crop = data_config(loaded.model)["crop_pct"]
+    crop_choice = sidebar.radio("Crop", (f"model default ({default_crop:g})", f"papers ({PAPER_CROP_PCT})"), key="crop",
+                                help="Resize + centre crop fraction: the model's timm data config, or the papers' 0.875")
+    params: dict[str, dict[str, Any]] = {}
+    for name in chosen:
+        if name == "none" or not get_method(name).params:
+            continue
+        box = sidebar.expander(f"{get_method(name).label} parameters")
+        params[name] = {spec.name: param_widget(box, name, spec) for spec in get_method(name).params}
+    return Settings(
+        methods=tuple(name for name in chosen if name != "none"),
+        keep_rate=float(keep_rate),
+        layers=parse_layers(layers_text),
+        crop_pct=None if crop_choice.startswith("model") else PAPER_CROP_PCT,
+        params=params,
+    )
+
+
+def plan_for(method: str, settings: Settings, params: dict[str, Any] | None = None) -> ReductionPlan:
+    """The ReductionPlan of one method under the sidebar's settings (ToMe keeps its every-block default)."""
+    layers = settings.layers if get_method(method).default_layers is not None else None
+    chosen = settings.params.get(method, {}) if params is None else params
+    defaults = {spec.name: spec.default for spec in get_method(method).params}
+    changed = {k: v for k, v in chosen.items() if defaults.get(k) != v}
+    return ReductionPlan.make(method, settings.keep_rate if get_method(method).uses_keep_rate else 1.0, layers, **changed)
+
+
+def read_input() -> tuple[bytes, str]:
+    """The uploaded file's bytes and name, or the chosen sample photo's."""
+    left, right = st.columns([1, 2])
+    sample = left.selectbox("Sample photo", list(SAMPLES), key="sample")
+    upload = right.file_uploader("…or upload an image (JPEG, PNG, WebP, BMP, TIFF, GIF: first frame)", type=UPLOAD_TYPES, key="upload")
+    if upload is not None:
+        return upload.getvalue(), upload.name
+    return (ASSETS / SAMPLES[sample]).read_bytes(), SAMPLES[sample]
+
+
+def open_image(data: bytes, name: str) -> Image.Image:
+    """Decode an image for the app. Raises ImageLoadError (empty, corrupt, not an image, too large)."""
+    return load_image(data, name)
+
+
+# --- drawing -----------------------------------------------------------------------------------
+def labelled(image: Image.Image, loaded: LoadedModel) -> Image.Image:
+    """Every picture of random weights carries a banner saying so (also in its downloads)."""
+    return with_banner(image, "RANDOM WEIGHTS: untrained model, the pictures are meaningless") if loaded.is_random else image
+
+
+def download_png(container, label: str, image: Image.Image, file_name: str, key: str) -> None:
+    container.download_button(label, data=lambda: png_bytes(image), file_name=file_name, mime="image/png", key=key, on_click="ignore")
+
+
+def predictions_table(top5: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame({"class": [p["label"].split(",")[0] for p in top5], "probability": [round(p["prob"], 4) for p in top5]},
+                        index=range(1, len(top5) + 1))
+
+
+def stage_panels(method: str, analysis: Analysis, crop: Image.Image, loaded: LoadedModel, slug: str) -> None:
+    """One panel per stage: the picture that fits the method, then its class-attention map."""
+    stages = analysis.stages
+    if not stages:
+        st.info("This plan changed no tokens (keep rate 1 or r = 0): nothing to draw.")
+        return
+    per_row = 3 if len(stages) <= 3 else 4
+    grid = loaded.grid_size
+    for start in range(0, len(stages), per_row):
+        columns = st.columns(per_row)
+        for column, record in zip(columns, stages[start:start + per_row]):
+            view = suggested_view(record)
+            picture = labelled(stage_view(crop, record, grid), loaded)
+            column.image(picture, caption=f"layer {record.layer}: {VIEW_NAMES[view]}, {record.n_tokens} tokens out",
+                         width="stretch", output_format="PNG")
+            download_png(column, "PNG", picture, f"{slug}_{method}_layer{record.layer}_{view}.png", f"dl_{method}_{record.layer}_{view}")
+            if view == "dispatch":
+                with column.expander("interactive dispatch map"):
+                    figure = dispatch_figure(crop, record, grid, title=f"{get_method(method).label}, layer {record.layer}")
+                    st.plotly_chart(figure, key=f"plot_{method}_{record.layer}")
+                    st.download_button("HTML", data=lambda f=figure: html_bytes(f), file_name=f"{slug}_{method}_layer{record.layer}_dispatch.html",
+                                       mime="text/html", key=f"dlh_{method}_{record.layer}", on_click="ignore")
+            if record.cls_attention is not None:
+                heat = labelled(attention_view(crop, record.cls_attention, grid), loaded)
+                column.image(heat, caption=f"layer {record.layer}: class attention", width="stretch", output_format="PNG")
+                download_png(column, "PNG", heat, f"{slug}_{method}_layer{record.layer}_attention.png", f"dl_{method}_{record.layer}_att")
+
+
+def method_tab(method: str, analysis: Analysis, dense: Analysis, crop: Image.Image, loaded: LoadedModel, slug: str) -> None:
+    spec = get_method(method)
+    g = analysis.gmacs
+    st.caption(f"{spec.describe()} · plan: keep rate {analysis.plan.keep_rate:g}, layers "
+               f"{','.join(map(str, analysis.plan.reducing_layers(len(loaded.model.blocks))))}"
+               f"{', ' + ', '.join(f'{k}={v}' for k, v in analysis.plan.param_dict().items()) if analysis.plan.params or spec.params else ''}")
+    st.markdown(f"**{g['gmacs']:.2f} GMACs** per image (dense {g['dense_gmacs']:.2f}, {g['reduction_pct']:.0f} % fewer) · "
+                f"tokens after the last block: {analysis.token_counts[-1]}")
+    stage_panels(method, analysis, crop, loaded, slug)
+    left, right = st.columns(2)
+    left.markdown(f"**Top-5, {spec.label}**")
+    left.dataframe(predictions_table(analysis.top5), width="stretch")
+    right.markdown("**Top-5, dense model**")
+    right.dataframe(predictions_table(dense.top5), width="stretch")
+
+
+def comparison_section(digest: str, image: Image.Image, crop: Image.Image, loaded: LoadedModel, settings: Settings, slug: str) -> None:
+    """BAT's comparison figure: (a) input, then each method at the same token count per stage."""
+    st.subheader("Comparison at one budget")
+    runs: list[tuple[str, Analysis]] = []
+    reference: Analysis | None = None
+    for title, method, params in COMPARISON:
+        if method == "tome":
+            if reference is None:
+                continue
+            schedule = matched_r_schedule(reference.token_counts, n0=loaded.num_patches + 1)
+            plan = ReductionPlan.make("tome", 1.0, None, r=schedule)
+        else:
+            plan = plan_for(method, settings, params)
+        analysis = analyse(digest, loaded.name, loaded.weights, loaded.device, plan, settings.crop_pct, image)
+        reference = reference or analysis
+        runs.append((title, analysis))
+    layers = [record.layer for record in runs[0][1].stages]
+    if not layers:
+        st.info("At this keep rate no method reduces anything, so there is nothing to compare.")
+        return
+    layer = st.select_slider("Stage (layer) to compare", layers, value=layers[-1], key="compare_layer")
+    panels = [Panel("(a) input", crop, f"{loaded.num_patches} patches")]
+    counts_line = []
+    for title, analysis in runs:
+        record = next((r for r in analysis.stages if r.layer == layer), None)
+        if record is None:
+            # ToMe merges in every block: take its last stage up to this layer.
+            record = max((r for r in analysis.stages if r.layer <= layer), key=lambda r: r.layer, default=None)
+        if record is None:
+            continue
+        panels.append(Panel(title, stage_view(crop, record, loaded.grid_size, legend=False), f"{record.n_tokens} tokens after layer {record.layer}"))
+        counts_line.append(f"{title.split(':')[-1].strip()}: {', '.join(str(c) for c in _stage_counts(analysis))}")
+    note = ("Tokens (cls included) after each reducing layer: " + "; ".join(counts_line) +
+            ". EViT runs without fusion here so every method keeps ceil(rho n) tokens per stage; ToMe's per-block r is "
+            "matched to EViT's counts (analysis.methods.tome.matched_r_schedule), so it merges only in the same blocks.")
+    row = labelled(comparison_row(panels, panel_size=224, note=note), loaded)
+    st.image(row, width="stretch", output_format="PNG")
+    download_png(st, "PNG", row, f"{slug}_comparison_layer{layer}.png", "dl_comparison")
+
+
+def _stage_counts(analysis: Analysis) -> list[int]:
+    return [record.n_tokens for record in analysis.stages]
+
+
+def counts_table(analyses: dict[str, Analysis], dense: Analysis) -> pd.DataFrame:
+    """Tokens (cls included) leaving each block, one column per method."""
+    columns = {"dense": dense.token_counts}
+    columns.update({get_method(name).label: analysis.token_counts for name, analysis in analyses.items()})
+    return pd.DataFrame(columns, index=pd.Index(range(1, len(dense.token_counts) + 1), name="block"))
+
+
+def diversity_section(analyses: dict[str, Analysis], dense: Analysis) -> None:
+    """Diversity r(Z) of every block's output (methods.md §5, l1 medoid, divided by the token
+    count so methods with different counts compare), one line per method.
+
+    The lead swaps this st.line_chart for viz.charts.diversity_figure when that lands."""
+    frame = pd.DataFrame({"dense": dense.diversity, **{get_method(m).label: a.diversity for m, a in analyses.items()}},
+                         index=pd.Index(range(1, len(dense.diversity) + 1), name="block"))
+    st.markdown("**Token diversity r(Z) per block** (l1 distance to the medoid token, per token)")
+    st.line_chart(frame, x_label="block", y_label="r(Z) per token")
+
+
+# --- the page ----------------------------------------------------------------------------------
+def main() -> None:
+    st.set_page_config(page_title="tokenscope", layout="wide")
+    st.title("tokenscope")
+    st.caption("What token pruning and merging do inside a Vision Transformer: which tokens are dropped, fused, "
+               "squeezed into a host token or merged, where the class attention goes, and what it changes.")
+    choice = model_sidebar()
+    loaded = choice.loaded
+    if loaded is None:
+        st.stop()
+    try:
+        settings = method_sidebar(loaded)
+    except (PlanError, ValueError) as err:
+        st.error(f"{err}. Fix the setting in the sidebar.")
+        st.stop()
+    badge = weights_badge(loaded)
+    (st.warning if loaded.is_random else st.caption)(badge)
+
+    data, name = read_input()
+    try:
+        image = open_image(data, name)
+    except ImageLoadError as err:
+        st.error(f"{err}. Upload a JPEG, PNG, WebP, BMP, TIFF or GIF image, or clear the upload to use a sample photo.")
+        st.stop()
+    digest = hashlib.sha256(data).hexdigest()
+    slug = Path(name).stem.replace(" ", "_")[:40]
+
+    # Compute everything first, so a bad setting shows one error and nothing half-drawn.
+    try:
+        plans = {method: plan_for(method, settings) for method in settings.methods}
+        for plan in plans.values():
+            plan.validate(len(loaded.model.blocks))
+        with st.spinner("Running the model…"):
+            crop = model_crop(digest, loaded.name, loaded.weights, loaded.device, settings.crop_pct, image)
+            dense = analyse(digest, loaded.name, loaded.weights, loaded.device, ReductionPlan(), settings.crop_pct, image)
+            analyses = {method: analyse(digest, loaded.name, loaded.weights, loaded.device, plan, settings.crop_pct, image)
+                        for method, plan in plans.items()}
+    except TokenscopeError as err:
+        st.error(f"{err}. Change the keep rate, layers or method parameters in the sidebar.")
+        st.stop()
+
+    left, middle, right = st.columns([1, 1, 1])
+    left.image(labelled(crop, loaded), caption=f"input crop the model sees ({crop.width}×{crop.height}, "
+                                               f"{loaded.grid_size[0]}×{loaded.grid_size[1]} patches)", width="stretch", output_format="PNG")
+    middle.markdown("**Dense model, top-5**" + (" (random weights)" if loaded.is_random else ""))
+    middle.dataframe(predictions_table(dense.top5), width="stretch")
+    for method, analysis in list(analyses.items())[:1]:
+        right.markdown(f"**{get_method(method).label}, top-5**" + (" (random weights)" if loaded.is_random else ""))
+        right.dataframe(predictions_table(analysis.top5), width="stretch")
+    st.markdown("**Tokens leaving each block** (cls included)")
+    st.dataframe(counts_table(analyses, dense).T, width="stretch")
+
+    if analyses:
+        tabs = st.tabs([get_method(method).label for method in analyses])
+        for tab, (method, analysis) in zip(tabs, analyses.items()):
+            with tab:
+                method_tab(method, analysis, dense, crop, loaded, slug)
+        diversity_section(analyses, dense)
+    else:
+        st.info("Choose one or more methods in the sidebar to see their pictures.")
+    try:
+        comparison_section(digest, image, crop, loaded, settings, slug)
+    except TokenscopeError as err:
+        st.error(f"The comparison row cannot run: {err}. Change the keep rate or layers in the sidebar.")
+    st.caption(badge)
+
+
+main()

@@ -1,0 +1,183 @@
+"""The Streamlit page through streamlit.testing.v1.AppTest, with the real DeiT-Tiny weights.
+
+conftest.py points HF_HUB_CACHE at ../shared and sets HF_HUB_OFFLINE=1, so the page falls back
+from DeiT-S (not cached) to DeiT-T, as a fresh machine without network would.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from analysis.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+
+def images(at: AppTest) -> list[str]:
+    """Captions of every picture on the page (one per st.image call)."""
+    return [img.caption for element in at.get("image") for img in element.proto.imgs]
+
+
+def fresh() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
+    at.run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.fixture(scope="module")
+def opened() -> AppTest:
+    return fresh()
+
+
+def test_opens_on_a_sample_photo_with_evit(opened):
+    at = opened
+    assert_clean(at)
+    assert "deit_tiny_patch16_224" in at.sidebar.selectbox(key="model_name").value
+    assert any("opened on deit_tiny_patch16_224" in info.value for info in at.sidebar.info)
+    captions = images(at)
+    assert captions[0].startswith("input crop the model sees (224×224, 14×14 patches)")
+    # one masked view and one class-attention map per EViT stage (layers 4, 7, 10), then the comparison row
+    assert [c for c in captions if "masked tokens" in c] == [
+        "layer 4: masked tokens, 140 tokens out", "layer 7: masked tokens, 100 tokens out", "layer 10: masked tokens, 72 tokens out"]
+    assert [c for c in captions if "class attention" in c] == [f"layer {n}: class attention" for n in (4, 7, 10)]
+    assert len(captions) == 1 + 3 + 3 + 1, "input crop, 3 masked views, 3 attention maps, the comparison row"
+    assert at.select_slider(key="compare_layer").value == 10
+    assert len(at.get("download_button")) == 3 + 3 + 1, "every picture has a PNG download"
+    # the real weights classify the sample cat as a cat, dense and pruned alike
+    tables = [frame.value for frame in at.dataframe]
+    top5 = [t for t in tables if list(t.columns) == ["class", "probability"]]
+    assert len(top5) >= 2 and all("cat" in t["class"].iloc[0] for t in top5)
+    counts = next(t for t in tables if "dense" in t.index)
+    assert counts.loc["EViT"].tolist() == [197, 197, 197, 140, 140, 140, 100, 100, 100, 72, 72, 72]
+    assert any("pretrained · device: cpu" in c.value for c in at.caption)
+    assert any("GMACs" in m.value for m in at.markdown)
+
+
+def test_predictor_methods_disabled_with_reason(opened):
+    disabled = {box.key: box for box in opened.sidebar.checkbox if box.key.startswith("off_")}
+    assert set(disabled) == {"off_dtps", "off_dynamicvit"}
+    assert all(box.disabled and "score_predictor" in box.help for box in disabled.values())
+    options = opened.sidebar.multiselect(key="methods").options  # as shown: the methods' labels
+    assert METHODS["dtps"].label not in options and METHODS["dynamicvit"].label not in options
+    assert METHODS["evit"].label in options
+
+
+def test_slider_rerenders_without_reloading_the_model(opened, monkeypatch):
+    import ui.shared
+
+    calls = []
+    real = ui.shared.load_model
+    monkeypatch.setattr(ui.shared, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    at = opened
+    at.sidebar.slider(key="keep_rate").set_value(0.5).run()
+    assert_clean(at)
+    assert calls == [], "the cached model is reused"
+    assert [c for c in images(at) if "masked tokens" in c][-1] == "layer 10: masked tokens, 28 tokens out"
+    at.sidebar.slider(key="keep_rate").set_value(0.7).run()
+
+
+def test_every_registered_method_renders(opened):
+    at = opened
+    runnable = [name for name in METHODS if name not in ("dtps", "dynamicvit")]
+    shown = at.sidebar.multiselect(key="methods").options
+    assert shown == ["none (dense model only)"] + [METHODS[name].label for name in runnable]
+    at.sidebar.multiselect(key="methods").set_value(runnable).run()
+    assert_clean(at)
+    labels = [tab.label for tab in at.tabs]
+    assert labels == [METHODS[name].label for name in runnable]
+    captions = images(at)
+    stage_pictures = [c for c in captions if c.startswith("layer ") and "class attention" not in c]
+    # 3 stages each for the keep-rate methods, one per block for ToMe (r = 13 merges in all 12)
+    expected = sum(12 if METHODS[name].default_layers is None else 3 for name in runnable)
+    assert len(stage_pictures) == expected
+    assert sum("dispatch map" in c for c in captions) == 3  # eTPS
+    assert sum("merge groups" in c for c in captions) == 3 + 3 + 12  # BAT, DPC, ToMe
+    assert len(at.get("plotly_chart")) == 3, "an interactive dispatch map per eTPS stage"
+    counts = next(frame.value for frame in at.dataframe if "dense" in frame.value.index)
+    assert len(counts) == 1 + len(runnable)
+    assert counts.loc["ToMe"].iloc[-1] == 41
+    assert counts.loc[METHODS["etps"].label].iloc[-1] == 69
+    at.sidebar.multiselect(key="methods").set_value(["evit"]).run()
+
+
+def _png_bomb() -> bytes:
+    """A PNG header claiming 20000 x 20000 pixels (over PIL's decompression-bomb limit)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("empty.jpg", b"", "the file is empty"),
+        ("notes.png", b"this is a text file, not a picture", "not an image PIL can read"),
+        ("cut.jpg", (ROOT / "assets" / "cat.jpg").read_bytes()[:3000], "corrupt or truncated"),
+        ("bomb.png", _png_bomb(), "decompression-bomb limit"),
+    ],
+    ids=["empty", "not-an-image", "truncated", "decompression-bomb"],
+)
+def test_bad_upload_shows_an_error_and_draws_nothing(name, data, message):
+    at = fresh()
+    at.file_uploader(key="upload").set_value((name, data, "application/octet-stream")).run()
+    assert not at.exception
+    assert len(at.error) == 1 and message in at.error[0].value and name in at.error[0].value
+    assert "Upload a JPEG, PNG, WebP, BMP, TIFF or GIF image" in at.error[0].value
+    assert images(at) == [], "nothing half-drawn"
+
+
+def test_uploaded_formats_render():
+    from PIL import Image
+
+    at = fresh()
+    frames = [Image.new("P", (40, 30), color=i) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    at.file_uploader(key="upload").set_value(("anim.gif", buffer.getvalue(), "image/gif")).run()
+    assert_clean(at)
+    assert images(at)[0].startswith("input crop the model sees (224×224")
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [("4,4", "must not repeat"), ("4,13", "out of range"), ("four", "comma-separated block numbers")],
+    ids=["repeated", "out-of-range", "not-numbers"],
+)
+def test_bad_layers_show_an_error(layers, message):
+    at = fresh()
+    at.sidebar.text_input(key="layers").set_value(layers).run()
+    assert not at.exception
+    assert len(at.error) == 1 and message in at.error[0].value
+    assert images(at) == []
+
+
+def test_checkpoint_for_another_architecture(tmp_path):
+    at = fresh()
+    at.sidebar.radio(key="model_weights").set_value("checkpoint file").run()
+    buffer = io.BytesIO()
+    torch.save({"model": {"head.weight": torch.zeros(10, 384), "head.bias": torch.zeros(10)}}, buffer)
+    at.sidebar.file_uploader(key="model_ckpt").set_value(("other.pth", buffer.getvalue(), "application/octet-stream")).run()
+    assert not at.exception
+    assert len(at.error) == 1 and "does not fit deit_tiny_patch16_224" in at.error[0].value
+    assert images(at) == []
+
+
+def test_random_weights_are_labelled():
+    at = fresh()
+    at.sidebar.radio(key="model_weights").set_value("random").run()
+    assert not at.exception
+    assert any("random (untrained" in w.value for w in at.warning)
+    assert any("(random weights)" in m.value for m in at.markdown)
