@@ -214,14 +214,21 @@ def load_results(path: str | Path) -> dict[str, Any]:
         path = path / "results.json"
     if not path.is_file():
         raise SweepError(f"no results file at {path}: run `python -m analysis sweep ... --out DIR` first, or give the path of a results.json")
-    content = _read_json(path)
+    return validate_results(_read_json(path), str(path))
+
+
+def validate_results(content: Any, source: str = "the results file") -> dict[str, Any]:
+    """Check parsed results.json content (e.g. an upload) and return it with a `config` entry.
+
+    Raises SweepError naming what is missing."""
     if not isinstance(content, dict) or not isinstance(content.get("rows"), list):
-        raise SweepError(f"{path} is not a tokenscope results file (it has no 'rows' list)")
+        raise SweepError(f"{source} is not a tokenscope results file (it has no 'rows' list): give the results.json a sweep wrote")
     required = {"model", "method", "keep_rate", "top1", "gmacs"}
     for row in content["rows"]:
         if not isinstance(row, dict) or not required <= set(row):
-            raise SweepError(f"{path} has a row without {', '.join(sorted(required))}: is it a tokenscope results file?")
-    content.setdefault("config", {})
+            raise SweepError(f"{source} has a row without {', '.join(sorted(required))}: is it a tokenscope results file?")
+    if not isinstance(content.get("config"), dict):
+        content["config"] = {}
     return content
 
 
