@@ -19,6 +19,7 @@ best matches EViT's selection at that keep rate), and the r used goes into the r
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -299,7 +300,8 @@ def run_sweep(
         raise SweepError(f"diversity centre must be medoid or median, got {config.diversity_centre!r}")
     if loaded is None:
         loaded = load_model(config.model, config.weights, config.device)
-    config.model, config.device = loaded.name, loaded.device
+    # the loaded model is the truth (the app passes its cached one); the caller's config is not modified
+    config = dataclasses.replace(config, model=loaded.name, weights=loaded.weights, device=loaded.device)
     model = loaded.model
     dconfig = data_config(model, config.crop_pct)
     settings = build_settings(tuple(config.methods), tuple(config.keep_rates), loaded, config.tome_schedule)
