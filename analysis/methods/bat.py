@@ -151,7 +151,8 @@ class BAT(Method):
         ),
         ParamSpec(
             "weighting", "attention", "choice",
-            RECONSTRUCTION + "how a pair or cluster is combined: attention = weighted mean with a_i x size_i, size = size-weighted mean.",
+            RECONSTRUCTION + "how a pair or cluster is combined: attention = weighted mean with a_i x size_i, size = size-weighted mean "
+            "(diversity-only clustering, dpc, shares this flag and defaults to size).",
             choices=("attention", "size"),
         ),
         ParamSpec(

@@ -255,7 +255,7 @@ class _PredictorMethod(Method):
         if not weights:
             return (
                 "no score-predictor weights are loaded; load a DynamicViT or dTPS checkpoint that holds "
-                "score_predictor.* (weights = its path)"
+                "score_predictor.* (CLI: --weights PATH; app: a checkpoint file as the weights)"
             )
         problems = predictor_problems(weights)
         if problems:
