@@ -278,7 +278,8 @@ def test_cli_inspect_json_has_dispatch(capsys, sample_files, predictor_checkpoin
     from analysis.cli import main
 
     image = str(sample_files[0])
-    for method, extra_args in (("etps", []), ("dtps", ["--weights", str(predictor_checkpoint)])):
+    weights = ["--weights", str(predictor_checkpoint)]
+    for method, extra_args in (("etps", []), ("dtps", weights), ("dynamicvit", weights)):
         code = main(["inspect", image, "--model", TINY, "--device", "cpu", "--method", method, "--json", *extra_args])
         captured = capsys.readouterr()
         assert code == 0, captured.err
@@ -287,6 +288,9 @@ def test_cli_inspect_json_has_dispatch(capsys, sample_files, predictor_checkpoin
         expected = [139, 98, 69] if method == "etps" else [138, 97, 68]
         assert [len(stage["token_kinds"]) for stage in record["stages"]] == expected
         for stage in record["stages"]:
+            if method == "dynamicvit":  # drops, does not squeeze: no dispatch map, discarded patches
+                assert "dispatch" not in stage and -1 in stage["patch_to_token"]
+                continue
             assert stage["dispatch"], "a squeezing stage lists its dispatched patches"
             for item in stage["dispatch"]:
                 assert stage["token_kinds"][item["host_token"]] == "host"
