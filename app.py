@@ -112,8 +112,10 @@ def method_sidebar(loaded: LoadedModel) -> Settings:
     sidebar.header("Reduction")
     available = ["none"] + [name for name, m in METHODS.items() if m.unavailable_reason(loaded.extras) is None]
     unavailable = {name: m.unavailable_reason(loaded.extras) for name, m in METHODS.items() if name not in available}
+    # ?method=evit&method=bat preselects methods (shareable links; the browser test uses it).
+    wanted = [name for name in st.query_params.get_all("method") if name in available] or ["evit"]
     chosen = sidebar.multiselect(
-        "Methods", available, default=["evit"], key="methods",
+        "Methods", available, default=wanted, key="methods",
         format_func=lambda name: "none (dense model only)" if name == "none" else get_method(name).label,
         help="One tab per method. 'none' shows only the dense model.",
     )
@@ -280,6 +282,17 @@ def counts_table(analyses: dict[str, Analysis], dense: Analysis) -> pd.DataFrame
     return pd.DataFrame(columns, index=pd.Index(range(1, len(dense.token_counts) + 1), name="block"))
 
 
+def summary_table(analyses: dict[str, Analysis], dense: Analysis) -> pd.DataFrame:
+    """GMACs, tokens after the last block and top-1 prediction of the dense model and each method."""
+    rows = {"dense": dense, **{get_method(name).label: analysis for name, analysis in analyses.items()}}
+    return pd.DataFrame({
+        "GMACs": [round(a.gmacs["gmacs"], 3) for a in rows.values()],
+        "tokens after last block": [a.token_counts[-1] for a in rows.values()],
+        "top-1": [a.top5[0]["label"].split(",")[0] for a in rows.values()],
+        "prob": [round(a.top5[0]["prob"], 3) for a in rows.values()],
+    }, index=list(rows))
+
+
 def diversity_section(analyses: dict[str, Analysis], dense: Analysis) -> None:
     """Diversity r(Z) of every block's output (methods.md §5, l1 medoid, divided by the token
     count so methods with different counts compare), one line per method.
@@ -332,14 +345,15 @@ def main() -> None:
         st.error(f"{err}. Change the keep rate, layers or method parameters in the sidebar.")
         st.stop()
 
-    left, middle, right = st.columns([1, 1, 1])
+    left, right = st.columns([1, 2.2])
     left.image(labelled(crop, loaded), caption=f"input crop the model sees ({crop.width}×{crop.height}, "
                                                f"{loaded.grid_size[0]}×{loaded.grid_size[1]} patches)", width="stretch", output_format="PNG")
-    middle.markdown("**Dense model, top-5**" + (" (random weights)" if loaded.is_random else ""))
-    middle.dataframe(predictions_table(dense.top5), width="stretch")
-    for method, analysis in list(analyses.items())[:1]:
-        right.markdown(f"**{get_method(method).label}, top-5**" + (" (random weights)" if loaded.is_random else ""))
-        right.dataframe(predictions_table(analysis.top5), width="stretch")
+    if analyses:
+        right.markdown("**Summary per method**" + (" (random weights)" if loaded.is_random else ""))
+        right.dataframe(summary_table(analyses, dense), width="stretch")
+    else:
+        right.markdown("**Dense model, top-5**" + (" (random weights)" if loaded.is_random else ""))
+        right.dataframe(predictions_table(dense.top5), width="stretch")
     st.markdown("**Tokens leaving each block** (cls included)")
     st.dataframe(counts_table(analyses, dense).T, width="stretch")
 

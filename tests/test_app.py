@@ -59,10 +59,13 @@ def test_opens_on_a_sample_photo_with_evit(opened):
     tables = [frame.value for frame in at.dataframe]
     top5 = [t for t in tables if list(t.columns) == ["class", "probability"]]
     assert len(top5) >= 2 and all("cat" in t["class"].iloc[0] for t in top5)
-    counts = next(t for t in tables if "dense" in t.index)
+    counts = next(t for t in tables if list(t.columns) == list(range(1, 13)))
     assert counts.loc["EViT"].tolist() == [197, 197, 197, 140, 140, 140, 100, 100, 100, 72, 72, 72]
     assert any("pretrained · device: cpu" in c.value for c in at.caption)
     assert any("GMACs" in m.value for m in at.markdown)
+    summary = next(t for t in tables if "GMACs" in t.columns)
+    assert summary.loc["EViT", "GMACs"] < summary.loc["dense", "GMACs"]
+    assert summary.loc["EViT", "tokens after last block"] == 72
 
 
 def test_predictor_methods_disabled_with_reason(opened):
@@ -105,7 +108,7 @@ def test_every_registered_method_renders(opened):
     assert sum("dispatch map" in c for c in captions) == 3  # eTPS
     assert sum("merge groups" in c for c in captions) == 3 + 3 + 12  # BAT, DPC, ToMe
     assert len(at.get("plotly_chart")) == 3, "an interactive dispatch map per eTPS stage"
-    counts = next(frame.value for frame in at.dataframe if "dense" in frame.value.index)
+    counts = next(frame.value for frame in at.dataframe if list(frame.value.columns) == list(range(1, 13)))
     assert len(counts) == 1 + len(runnable)
     assert counts.loc["ToMe"].iloc[-1] == 41
     assert counts.loc[METHODS["etps"].label].iloc[-1] == 69

@@ -41,8 +41,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (82, 84, 163), (181, 207, 107), (231, 186, 82), (214, 97, 107), (206, 109, 189),
 )
 
-FONT_SIZE = 13
-LEGEND_ROW = 22     # pixels per legend row
+FONT_SIZE = 16
+LEGEND_ROW = 26     # pixels per legend row
 LEGEND_PAD = 6
 
 
@@ -252,7 +252,7 @@ def _with_legend(picture: Image.Image, items: Sequence[LegendItem]) -> Image.Ima
     for row in _legend_rows(items, width):
         x = LEGEND_PAD
         for text, swatch in row:
-            top, mid = y + 3, y + LEGEND_ROW // 2 - 1
+            top, mid = y + 5, y + LEGEND_ROW // 2
             if _is_gradient(swatch):
                 import matplotlib
 

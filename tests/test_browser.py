@@ -1,0 +1,125 @@
+"""One real-browser session: `streamlit run app.py` headless, opened in headless Chromium.
+
+The server gets the tests' HF environment (conftest.py), so the page falls back to the real
+DeiT-Tiny weights from ../shared. Skipped only when /usr/bin/chromium is absent.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from analysis.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update"]
+STAGE_IMAGES = '[data-testid="stMain"] [data-testid="stImage"] img'
+EXCEPTION = '[data-testid="stException"]'
+LOAD_TIMEOUT_MS = 240_000
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The app served by `streamlit run` on a free port; terminated afterwards whatever happens."""
+    port = free_port()
+    env = dict(os.environ)  # conftest.py has set HF_HUB_CACHE / HF_HUB_OFFLINE
+    log = open(ROOT / ".pytest_cache" / "streamlit-browser-test.log", "w") if (ROOT / ".pytest_cache").is_dir() else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                pytest.fail(f"streamlit did not start (exit code {process.poll()})")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def wait_for_pictures(page, count: int) -> None:
+    page.wait_for_function(
+        f"document.querySelectorAll('{EXCEPTION}').length > 0 || "
+        f"document.querySelectorAll('{STAGE_IMAGES}').length >= {count}",
+        timeout=LOAD_TIMEOUT_MS,
+    )
+    assert page.locator(EXCEPTION).count() == 0, page.locator(EXCEPTION).first.inner_text()
+    # let the script run finish: no "running" indicator, no spinner
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=LOAD_TIMEOUT_MS)
+
+
+def test_main_job_in_chromium(server, browser):
+    """The page opens on a sample photo and shows EViT's masked tokens and attention per stage."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server)
+    wait_for_pictures(page, 1 + 3 + 3 + 1)
+    assert page.locator(EXCEPTION).count() == 0
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+    for layer, tokens in ((4, 140), (7, 100), (10, 72)):
+        assert page.get_by_text(f"layer {layer}: masked tokens, {tokens} tokens out").count() == 1
+        assert page.get_by_text(f"layer {layer}: class attention").count() == 1
+    assert page.locator(STAGE_IMAGES).count() == 1 + 3 + 3 + 1
+    sizes = page.eval_on_selector_all(STAGE_IMAGES, "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+    assert all(w > 0 and h > 0 for w, h in sizes), "every picture loaded"
+    assert sizes[1][0] == 448, "stage pictures are drawn at twice the 224 px crop"
+    page.close()
+
+
+def test_every_method_in_chromium(server, browser):
+    runnable = [name for name, method in METHODS.items() if method.unavailable_reason({}) is None]
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server + "/?" + "&".join(f"method={name}" for name in runnable))
+    per_method = {name: (12 if METHODS[name].default_layers is None else 3) for name in runnable}
+    # stage picture + attention map for methods scoring by class attention, then crop and comparison row
+    expected = 2 + sum(n * (2 if METHODS[name].needs_cls_attention else 1) for name, n in per_method.items())
+    wait_for_pictures(page, expected)
+    assert page.locator(STAGE_IMAGES).count() == expected
+    tabs = page.get_by_role("tab").all_inner_texts()
+    assert [t.strip() for t in tabs] == [METHODS[name].label for name in runnable]
+    assert page.locator(EXCEPTION).count() == 0
+    page.close()
