@@ -2,7 +2,7 @@
 
 A method only decides *who goes where with what weight*: it returns a `TokenAssignment` that maps
 each current token to at most one output token. `apply_assignment` then updates hidden states,
-token sizes and provenance with the same scatter, on whatever device the tensors live
+token sizes and provenance with the same scatter (a row-wise index_add), on whatever device the tensors live
 (see ../shared/docs/architecture.md, "One mechanism for every method").
 """
 from __future__ import annotations
@@ -62,8 +62,13 @@ def apply_assignment(assignment: TokenAssignment, x: torch.Tensor, sizes: torch.
     keep = assignment.dest >= 0
     dest = assignment.dest.clamp(min=0)
     weight = torch.where(keep, assignment.weight.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-    out = x.new_zeros(batch, assignment.n_out, channels)
-    out.scatter_add_(1, dest.unsqueeze(-1).expand(-1, -1, channels), x * weight.unsqueeze(-1))
+    # Row-wise index_add_ over the flattened batch rather than scatter_add_ with an index expanded
+    # over channels: the same sums in the same order (bitwise equal on the CPU), but whole rows are
+    # added at once, about twice as fast on the CPU (analysis/bench.py measures the forward).
+    rows = (dest + torch.arange(batch, device=dest.device).unsqueeze(1) * assignment.n_out).reshape(-1)
+    out = x.new_zeros(batch * assignment.n_out, channels)
+    out.index_add_(0, rows, (x * weight.unsqueeze(-1)).reshape(-1, channels))
+    out = out.view(batch, assignment.n_out, channels)
     sizes_out = sizes.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, torch.where(keep, sizes, torch.zeros_like(sizes)))
     if assignment.normalize:
         denominator = weight.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, weight)
