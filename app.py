@@ -31,6 +31,7 @@ from analysis.models import (
 from ui.shared import ImageAnalysis as Analysis
 from ui.shared import analyse_image as analyse
 from ui.shared import model_crop, model_sidebar, weights_badge
+from viz.charts import diversity_chart
 from viz.interactive import dispatch_figure, html_bytes
 from viz.overlays import (
     VIEW_NAMES,
@@ -225,9 +226,10 @@ def method_tab(method: str, analysis: Analysis, dense: Analysis, crop: Image.Ima
                 f"tokens after the last block: {analysis.token_counts[-1]}")
     stage_panels(method, analysis, crop, loaded, slug)
     left, right = st.columns(2)
-    left.markdown(f"**Top-5, {spec.label}**")
+    suffix = " (random weights)" if loaded.is_random else ""
+    left.markdown(f"**Top-5, {spec.label}**{suffix}")
     left.dataframe(predictions_table(analysis.top5), width="stretch")
-    right.markdown("**Top-5, dense model**")
+    right.markdown(f"**Top-5, dense model**{suffix}")
     right.dataframe(predictions_table(dense.top5), width="stretch")
 
 
@@ -293,15 +295,18 @@ def summary_table(analyses: dict[str, Analysis], dense: Analysis) -> pd.DataFram
     }, index=list(rows))
 
 
-def diversity_section(analyses: dict[str, Analysis], dense: Analysis) -> None:
+def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: LoadedModel) -> None:
     """Diversity r(Z) of every block's output (methods.md §5, l1 medoid, divided by the token
-    count so methods with different counts compare), one line per method.
-
-    The lead swaps this st.line_chart for viz.charts.diversity_figure when that lands."""
-    frame = pd.DataFrame({"dense": dense.diversity, **{get_method(m).label: a.diversity for m, a in analyses.items()}},
-                         index=pd.Index(range(1, len(dense.diversity) + 1), name="block"))
-    st.markdown("**Token diversity r(Z) per block** (l1 distance to the medoid token, per token)")
-    st.line_chart(frame, x_label="block", y_label="r(Z) per token")
+    count so methods with different counts compare), one line per method (viz.charts)."""
+    depth = len(loaded.model.blocks)
+    series = [{"method": "none", "label": "dense", "values": dense.diversity.tolist(), "reducing_layers": []}]
+    series += [{"method": name, "label": get_method(name).label, "values": a.diversity.tolist(),
+                "reducing_layers": list(a.plan.reducing_layers(depth))} for name, a in analyses.items()]
+    title = "Token diversity r(Z) per block, this image" + (" (random weights)" if loaded.is_random else "")
+    figure = diversity_chart(series, title=title, per_token=True)
+    st.plotly_chart(figure, key="diversity_chart")
+    st.download_button("HTML", data=lambda: html_bytes(figure), file_name="diversity_per_block.html", mime="text/html",
+                       key="dl_diversity", on_click="ignore")
 
 
 # --- the page ----------------------------------------------------------------------------------
@@ -362,7 +367,7 @@ def main() -> None:
         for tab, (method, analysis) in zip(tabs, analyses.items()):
             with tab:
                 method_tab(method, analysis, dense, crop, loaded, slug)
-        diversity_section(analyses, dense)
+        diversity_section(analyses, dense, loaded)
     else:
         st.info("Choose one or more methods in the sidebar to see their pictures.")
     try:

@@ -54,7 +54,7 @@ def test_opens_on_a_sample_photo_with_evit(opened):
     assert [c for c in captions if "class attention" in c] == [f"layer {n}: class attention" for n in (4, 7, 10)]
     assert len(captions) == 1 + 3 + 3 + 1, "input crop, 3 masked views, 3 attention maps, the comparison row"
     assert at.select_slider(key="compare_layer").value == 10
-    assert len(at.get("download_button")) == 3 + 3 + 1, "every picture has a PNG download"
+    assert len(at.get("download_button")) == 3 + 3 + 1 + 1, "every picture has a PNG download, the diversity chart HTML"
     # the real weights classify the sample cat as a cat, dense and pruned alike
     tables = [frame.value for frame in at.dataframe]
     top5 = [t for t in tables if list(t.columns) == ["class", "probability"]]
@@ -107,7 +107,7 @@ def test_every_registered_method_renders(opened):
     assert len(stage_pictures) == expected
     assert sum("dispatch map" in c for c in captions) == 3  # eTPS
     assert sum("merge groups" in c for c in captions) == 3 + 3 + 12  # BAT, DPC, ToMe
-    assert len(at.get("plotly_chart")) == 3, "an interactive dispatch map per eTPS stage"
+    assert len(at.get("plotly_chart")) == 3 + 1, "an interactive dispatch map per eTPS stage, and the diversity chart"
     counts = next(frame.value for frame in at.dataframe if list(frame.value.columns) == list(range(1, 13)))
     assert len(counts) == 1 + len(runnable)
     assert counts.loc["ToMe"].iloc[-1] == 41
@@ -184,3 +184,40 @@ def test_random_weights_are_labelled():
     assert not at.exception
     assert any("random (untrained" in w.value for w in at.warning)
     assert any("(random weights)" in m.value for m in at.markdown)
+
+
+def _seeded_predictor(width: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded dTPS / DynamicViT predictor weights for 3 stages under the official key names."""
+    from analysis.methods.tps import PREDICTOR_PREFIX, PREDICTOR_TENSORS
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for stage in range(3):
+        for name, shape in PREDICTOR_TENSORS:
+            dims = shape(width)
+            scale = dims[-1] ** -0.5 if len(dims) == 2 else 0.1
+            value = torch.randn(*dims, generator=generator) * scale
+            state[f"{PREDICTOR_PREFIX}.{stage}.{name}"] = value + (1.0 if name == "in_conv.0.weight" else 0.0)
+    return state
+
+
+def test_predictor_checkpoint_enables_dtps_and_dynamicvit(tiny):
+    """Real DeiT-T weights plus seeded predictor weights, uploaded as a checkpoint: the two
+    predictor methods become selectable and render (dTPS as dispatch maps, DynamicViT masked)."""
+    state = dict(tiny.model.state_dict())
+    state.update(_seeded_predictor(192))
+    buffer = io.BytesIO()
+    torch.save({"model": state}, buffer)
+    at = fresh()
+    at.sidebar.radio(key="model_weights").set_value("checkpoint file").run()
+    at.sidebar.file_uploader(key="model_ckpt").set_value(("dtps_tiny.pth", buffer.getvalue(), "application/octet-stream")).run()
+    assert_clean(at)
+    assert not [box for box in at.sidebar.checkbox if box.key.startswith("off_")], "nothing disabled with a predictor"
+    at.sidebar.multiselect(key="methods").set_value(["dtps", "dynamicvit"]).run()
+    assert_clean(at)
+    captions = images(at)
+    assert [c for c in captions if "dispatch map" in c] == [
+        "layer 4: dispatch map, 138 tokens out", "layer 7: dispatch map, 97 tokens out", "layer 10: dispatch map, 68 tokens out"]
+    assert [c for c in captions if "masked tokens" in c] == [
+        "layer 4: masked tokens, 138 tokens out", "layer 7: masked tokens, 97 tokens out", "layer 10: masked tokens, 68 tokens out"]
+    assert [tab.label for tab in at.tabs] == [METHODS["dtps"].label, METHODS["dynamicvit"].label]
