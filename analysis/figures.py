@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -252,7 +253,7 @@ def figure_grid(loaded, rows: Sequence[dict[str, Any]], image_paths: Sequence[Pa
             ax.grid(False)
             if i == 0:
                 colour = "#000000" if j == 0 else method_colour(columns[j - 1]["method"])
-                ax.set_title(titles[j], fontsize=7, color=colour)
+                ax.set_title(textwrap.fill(titles[j], 18), fontsize=7, color=colour)
             if j == 0:
                 ax.set_ylabel(Path(image_paths[i]).stem[:18], fontsize=6)
     fig.suptitle(f"merge groups after the last reduction stage, keep rate {rate:g} ({loaded.name})", fontsize=7, y=1.0)

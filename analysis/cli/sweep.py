@@ -48,9 +48,9 @@ def main(args: argparse.Namespace) -> int:
     if outcome.config.get("is_random"):
         print("WARNING: random weights: accuracies are meaningless", file=sys.stderr)
     print(f"{outcome.ran} settings run, {outcome.skipped_settings} already done; results in {outcome.out}/results.json and results.csv")
-    print(f"{'method':<22}{'keep':>6}  {'params':<18}{'top1':>7}{'top5':>7}{'GMACs':>7}{'img/s':>9}  n (skipped)")
+    print(f"{'method':<38}{'keep':>6}  {'params':<18}{'top1':>7}{'top5':>7}{'GMACs':>7}{'img/s':>9}  n (skipped)")
     for row in rows:
         params = ",".join(f"{k}={v}" for k, v in row["params"].items())
-        print(f"{row['label']:<22}{row['keep_rate']:>6.2f}  {params:<18}{row['top1']:>7.2f}{row['top5']:>7.2f}{row['gmacs']:>7.2f}"
+        print(f"{row['label']:<38}{row['keep_rate']:>6.2f}  {params:<18}{row['top1']:>7.2f}{row['top5']:>7.2f}{row['gmacs']:>7.2f}"
               f"{row['images_per_s']:>9.1f}  {row['n_images']} ({row['n_skipped']})")
     return 0
