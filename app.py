@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
@@ -304,7 +305,10 @@ def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: Lo
                 "reducing_layers": list(a.plan.reducing_layers(depth))} for name, a in analyses.items()]
     title = "Token diversity r(Z) per block, this image" + (" (random weights)" if loaded.is_random else "")
     figure = diversity_chart(series, title=title, per_token=True)
-    st.plotly_chart(figure, key="diversity_chart")
+    # Under Streamlit's theme the chart's title and its top legend overlap: the title goes above.
+    st.markdown(f"**{title}** (l1 distance to the medoid token, per token; methods.md §5)")
+    shown = go.Figure(figure).update_layout(title=None, margin=dict(t=40))  # the HTML download keeps its title
+    st.plotly_chart(shown, key="diversity_chart")
     st.download_button("HTML", data=lambda: html_bytes(figure), file_name="diversity_per_block.html", mime="text/html",
                        key="dl_diversity", on_click="ignore")
 
