@@ -235,9 +235,9 @@ def test_dispatch_figure_hover_and_opacity(tiny, photo, records):
     record = records["etps"][0][1]
     figure = dispatch_figure(crop, record, tiny.grid_size, scale=SCALE)
     pruned = np.flatnonzero(record.patch_pruned)
-    assert len(figure.layout.annotations) == len(pruned)
-    opacities = sorted(a.opacity for a in figure.layout.annotations)
-    np.testing.assert_allclose(opacities, np.sort(record.patch_weight[pruned]), atol=1e-6)
+    cores = [a for a in figure.layout.annotations if a.arrowcolor == "rgb(%d,%d,%d)" % ov.ARROW_COLOUR]
+    assert len(cores) == len(pruned) and len(figure.layout.annotations) == 2 * len(pruned), "one shadowed arrow per pruned patch"
+    np.testing.assert_allclose(sorted(a.opacity for a in cores), np.sort(record.patch_weight[pruned]), atol=1e-6)
     hover = figure.data[1].text
     assert len(hover) == len(pruned)
     first = pruned[0]

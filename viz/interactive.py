@@ -10,6 +10,7 @@ from PIL import Image
 
 from .overlays import (
     ARROW_COLOUR,
+    ARROW_SHADOW,
     StageRecord,
     dispatch_view,
     host_locations,
@@ -20,7 +21,8 @@ from .overlays import (
 def dispatch_figure(crop: Image.Image, record: StageRecord, grid: tuple[int, int], *, scale: int = 2,
                     title: str | None = None) -> go.Figure:
     """Interactive TPS dispatch map (methods.md §3): the static `dispatch_view` (without its arrows and
-    legend) as the background, one arrow per pruned patch to its host with opacity = squeeze weight,
+    legend) as the background, one arrow per pruned patch to its host with opacity = squeeze weight
+    (two annotations each: a black shadow and a white core),
     and hover on every pruned patch showing the patch (index, row, column), its host token and the
     weight; hover on a host shows its token index and how many patches it received.
 
@@ -44,9 +46,11 @@ def dispatch_figure(crop: Image.Image, record: StageRecord, grid: tuple[int, int
     for patch in pruned.tolist():
         host = int(record.patch_to_token[patch])
         (x0, y0), (x1, y1) = centres[patch], hosts[host]
-        fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
-                           arrowhead=2, arrowsize=1, arrowwidth=2, arrowcolor="rgb(%d,%d,%d)" % ARROW_COLOUR,
-                           opacity=float(np.clip(weights[patch], 0.0, 1.0)), text="")
+        # as in the static map: a white core over a black shadow, both at opacity = weight
+        for colour, line_width in ((ARROW_SHADOW, 4), (ARROW_COLOUR, 2)):
+            fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
+                               arrowhead=2, arrowsize=1, arrowwidth=line_width, arrowcolor="rgb(%d,%d,%d)" % colour,
+                               opacity=float(np.clip(weights[patch], 0.0, 1.0)), text="")
     r, c = np.divmod(pruned, cols)
     hover = [
         f"patch {p} (row {rr}, col {cc})<br>host token {int(record.patch_to_token[p])}<br>squeeze weight {weights[p]:.3f}"
