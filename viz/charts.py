@@ -12,8 +12,9 @@ import plotly.graph_objects as go
 
 from .palette import method_colour
 
-LAYOUT = dict(template="plotly_white", height=420, margin=dict(l=60, r=20, t=50, b=50),
-              legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
+# The legend sits below the plot: above it, long method names would run into the title in narrow columns.
+LAYOUT = dict(template="plotly_white", height=460, margin=dict(l=60, r=20, t=50, b=130),
+              legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0))
 
 
 def _by_method(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
