@@ -31,6 +31,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--diversity-size-weighted", action="store_true", help="weight each token by the patches it holds in r(Z)")
     parser.add_argument("--diversity-images", type=int, default=500, help="average r(Z) over this many images, evenly spaced (0 = none; default 500)")
     parser.add_argument("--tome-schedule", default="constant", choices=("constant", "matched"), help="ToMe's r at each keep rate's budget: one constant r, or a per-block list")
+    parser.add_argument("--figures", default=None, metavar="DIR", help="also write the paper figures and table there (as `figures --results OUT --out DIR`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=main)
 
@@ -53,4 +54,11 @@ def main(args: argparse.Namespace) -> int:
         params = ",".join(f"{k}={v}" for k, v in row["params"].items())
         print(f"{row['label']:<38}{row['keep_rate']:>6.2f}  {params:<18}{row['top1']:>7.2f}{row['top5']:>7.2f}{row['gmacs']:>7.2f}"
               f"{row['images_per_s']:>9.1f}  {row['n_images']} ({row['n_skipped']})")
+    if args.figures:
+        from ..figures import write_figures
+
+        figures = write_figures(outcome.out, args.figures, model=outcome.config["model"])
+        print(f"{len(figures['written'])} figure and table files in {args.figures}")
+        for name, reason in figures["skipped"].items():
+            print(f"skipped {name}: {reason}", file=sys.stderr)
     return 0
