@@ -9,6 +9,12 @@ series. Each setting reports the median of its timed repeats and, as its spread,
 range (25th and 75th percentile) plus the minimum and maximum. `speedup_vs_dense` is the dense
 median divided by the setting's median, both measured in the same run.
 
+Two cross-checks for a machine that other processes share: `speedup_min`, the ratio of the fastest
+calls (the least disturbed ones), and `speedup_cpu_time`, the ratio of the median process CPU times
+(with `threads=1` that is the work done, nearly immune to other load; with more threads it includes
+the time threads spin while waiting for each other). `load_average` is the 1-minute load average
+after the batch size's timing: above the core count, other processes competed for the cores.
+
 On CUDA every timed call is bracketed by `torch.cuda.synchronize()`, so the time covers the kernels
 and not only their launch. `amp` runs the forward under `torch.autocast`: float16 on CUDA, bfloat16
 on the CPU (CPU autocast has no useful float16 path).
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +47,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "images_per_s", "latency_ms", "gmacs", "speedup_vs_dense",
     "latency_ms_q1", "latency_ms_q3", "latency_ms_min", "latency_ms_max",
     "images_per_s_q1", "images_per_s_q3", "gmacs_ratio", "token_counts",
+    "speedup_min", "cpu_time_ms", "speedup_cpu_time", "load_average",
     "threads", "repeats", "warmup", "weights", "provenance_overhead_pct",
 )
 
@@ -98,6 +106,10 @@ class BenchRow:
     repeats: int
     warmup: int
     weights: str
+    speedup_min: float = float("nan")
+    cpu_time_ms: float = float("nan")
+    speedup_cpu_time: float = float("nan")
+    load_average: float | None = None
     provenance_overhead_pct: float | None = None
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -118,10 +130,13 @@ class BenchRow:
             f"{self.images_per_s:8.1f} img/s (IQR {self.images_per_s_q1:.1f}-{self.images_per_s_q3:.1f}) | "
             f"latency {self.latency_ms:9.1f} ms median, IQR {self.latency_ms_q1:.1f}-{self.latency_ms_q3:.1f}, "
             f"min {self.latency_ms_min:.1f}, max {self.latency_ms_max:.1f} ({self.repeats} repeats) | "
-            f"{self.gmacs:.2f} GMACs | speedup {self.speedup_vs_dense:.2f}x (GMACs ratio {self.gmacs_ratio:.2f}x)"
+            f"{self.gmacs:.2f} GMACs | speedup {self.speedup_vs_dense:.2f}x (GMACs ratio {self.gmacs_ratio:.2f}x; "
+            f"ratio of minima {self.speedup_min:.2f}x, of CPU times {self.speedup_cpu_time:.2f}x)"
         )
+        if self.load_average is not None:
+            line += f" | load {self.load_average:.1f}"
         if self.provenance_overhead_pct is not None:
-            line += f" | provenance +{self.provenance_overhead_pct:.1f}%"
+            line += f" | provenance {self.provenance_overhead_pct:+.1f}%"
         return line
 
 
@@ -189,15 +204,18 @@ def _autocast(device: str, amp: bool):
     return torch.autocast(device_type=device, dtype=torch.float16 if device == "cuda" else torch.bfloat16)
 
 
-def _timed_call(fn: Callable[[], Any], device: str) -> float:
-    """Seconds one call takes; on CUDA synchronised before and after so the kernels are included."""
+def _timed_call(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call; on CUDA synchronised before and after so
+    the kernels are included. CPU time counts every thread: on a quiet machine it is about
+    threads x wall; far less means the process waited for cores that other processes held."""
     if device == "cuda":
         torch.cuda.synchronize()
+    cpu_start = time.process_time()
     start = time.perf_counter()
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -297,6 +315,7 @@ def run_benchmark(
         images = random_images(model, int(batch_size), device, config.seed)
         jobs = [(s, False) for s in settings] + [(s, True) for s in tracked]
         samples: dict[tuple[BenchSetting, bool], list[float]] = {job: [] for job in jobs}
+        cpu_samples: dict[tuple[BenchSetting, bool], list[float]] = {job: [] for job in jobs}
 
         def call(setting: BenchSetting, track: bool):
             return lambda: run(model, images, setting.plan, extras=extras, track=track)
@@ -305,14 +324,18 @@ def run_benchmark(
             for phase, count in (("warm-up", config.warmup), ("timing", config.repeats)):
                 for round_index in range(count):
                     for setting, track in jobs:
-                        seconds = _timed_call(call(setting, track), device)
+                        seconds, cpu_seconds = _timed_call(call(setting, track), device)
                         if phase == "timing":
                             samples[(setting, track)].append(seconds)
+                            cpu_samples[(setting, track)].append(cpu_seconds)
                         done += 1
                         if progress is not None:
                             progress(done / total, f"batch {batch_size}: {phase} {round_index + 1}/{count}, {setting.label}"
                                      + (" (provenance on)" if track else ""))
+        load = _load_average()
         dense_median = statistics.median(samples[(settings[0], False)])
+        dense_min = min(samples[(settings[0], False)])
+        dense_cpu = statistics.median(cpu_samples[(settings[0], False)])
         for setting in settings:
             times = samples[(setting, False)]
             median = statistics.median(times)
@@ -331,9 +354,20 @@ def run_benchmark(
                 gmacs_ratio=gmacs[settings[0].plan] / gmacs[setting.plan],
                 token_counts=" ".join(map(str, counts[setting.plan])),
                 threads=threads, repeats=config.repeats, warmup=config.warmup, weights=loaded.weights_label,
-                provenance_overhead_pct=overhead, samples_ms=[1e3 * t for t in times],
+                speedup_min=dense_min / min(times),
+                cpu_time_ms=1e3 * statistics.median(cpu_samples[(setting, False)]),
+                speedup_cpu_time=dense_cpu / statistics.median(cpu_samples[(setting, False)]),
+                provenance_overhead_pct=overhead, load_average=load, samples_ms=[1e3 * t for t in times],
             ))
     return rows
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (runnable processes; above the core count means contention), or None."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def write_csv(rows: list[BenchRow], out_dir: str | Path) -> Path:
