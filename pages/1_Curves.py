@@ -69,6 +69,9 @@ def run_source() -> dict | None:
     limit = right.number_input("Images (0 = all)", min_value=0, value=100, step=50, key="curves_limit")
     batch_size = right.number_input("Batch size", min_value=1, max_value=512, value=32, key="curves_batch")
     crop = right.radio("Crop", ("model's timm config", f"papers' {PAPER_CROP_PCT}"), horizontal=True, key="curves_crop")
+    centre = middle.radio("Diversity centre", ("medoid", "median"), horizontal=True, key="curves_centre",
+                          help="medoid: one of the tokens (BAT's r(Z)); median: the channel-wise median (free centre)")
+    size_weighted = middle.checkbox("Size-weighted diversity (a token counts once per patch it holds)", key="curves_size_weighted")
     out = st.text_input("Output folder (results.json, results.csv; finished settings are not rerun)",
                         value=str(Path("runs") / "curves" / loaded.name), key="curves_out")
     if st.button("Run sweep", type="primary", key="curves_run"):
@@ -80,6 +83,7 @@ def run_source() -> dict | None:
             data=data.strip(), labels=labels.strip() or None, model=loaded.name, weights=loaded.weights, device=loaded.device,
             methods=tuple(methods), keep_rates=tuple(sorted(keep_rates, reverse=True)), limit=int(limit) or None,
             batch_size=int(batch_size), workers=2, out=out.strip(), crop_pct=None if crop.startswith("model") else PAPER_CROP_PCT,
+            diversity_centre=centre, diversity_size_weighted=size_weighted,
         )
         try:
             outcome = run_sweep(config, loaded=loaded, progress=lambda fraction, text: bar.progress(fraction, text=text), show_bar=False)
@@ -145,7 +149,8 @@ def show(content: dict) -> None:
         rate = a.selectbox("Diversity at keep rate", rates, index=rates.index(default), key="curves_div_rate")
         per_token = a.toggle("Per token (divide by the token count)", value=True, key="curves_div_per_token")
         a.caption("r(Z) = min_j Σ_i ‖Z_i − Z_j‖₁ over the non-cls tokens of each block's output (BAT), averaged over "
-                  f"{first.get('diversity_images', 'the')} images; centre: {first.get('diversity_centre', 'medoid')}.")
+                  f"{first.get('diversity_images', 'the')} images; centre: {first.get('diversity_centre', 'medoid')}"
+                  + (", size-weighted." if first.get("diversity_size_weighted") else "."))
         series = diversity_series_from_rows(rows, rate, per_token)
         b.plotly_chart(diversity_chart(series, per_token=per_token, title=f"Diversity per layer at keep rate {rate:g}"),
                        width="stretch", key="curves_chart_diversity")

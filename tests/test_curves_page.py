@@ -2,6 +2,7 @@
 path, running a small sweep from the page, and preparing the figures download."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
@@ -65,13 +66,16 @@ def test_runs_a_small_sweep_from_the_page(tmp_path, sample_files):
     at.text_input(key="curves_out").set_value(str(tmp_path / "out"))
     at.multiselect(key="curves_methods").set_value(["evit"])
     at.multiselect(key="curves_keep_rates").set_value([1.0, 0.5])
+    at.radio(key="curves_centre").set_value("median")
+    at.checkbox(key="curves_size_weighted").check()
     at.run()
     at.button(key="curves_run").click()
     at.run()
     assert not at.exception, at.exception
     assert not at.error
     assert "2 settings run" in at.success[0].value
-    assert (tmp_path / "out" / "results.json").is_file()
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert {(row["diversity_centre"], row["diversity_size_weighted"]) for row in rows} == {("median", True)}
     assert len(at.dataframe[0].value) == 2 and len(at.get("plotly_chart")) == 3
     # a folder that is not a dataset: an error saying why, no traceback
     at.text_input(key="curves_data").set_value(str(tmp_path / "missing"))
