@@ -409,6 +409,9 @@ def run_sweep(
         if progress:
             progress(min(1.0, bar.n / max(total, 1)), f"{bar.n}/{total} images, {len(pending)} settings")
     bar.close()
+    if all(tally.seen == 0 for tally in tallies.values()):
+        example = skipped[0] if skipped else "no file was loaded"
+        raise SweepError(f"none of the {len(files)} images in {root} could be read (e.g. {example}); check the folder")
 
     rows = [row for row in previous if row.get("key") not in {keys[s] for s in pending}]
     for setting in pending:

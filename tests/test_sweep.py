@@ -168,3 +168,13 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_a_folder_of_unreadable_images_is_an_error(tmp_path, tiny):
+    folder = tmp_path / "data" / "n01496331"
+    folder.mkdir(parents=True)
+    (folder / "a.JPEG").write_bytes(b"garbage")
+    (folder / "b.png").write_bytes(b"")
+    with pytest.raises(SweepError, match="none of the 2 images"):
+        run_sweep(SweepConfig(data=str(tmp_path / "data"), model=TINY, methods=("evit",), keep_rates=(0.7,), workers=0,
+                              out=str(tmp_path / "out")), loaded=tiny, show_bar=False)
