@@ -8,13 +8,13 @@ image. Counted, per block, from the token count the attention and the MLP really
 - MLP: `fc1` and `fc2` (N C 4C each for ViT);
 - the patch embedding (a convolution) and the classifier head;
 - the method's own work (see `method_macs`), split into matrix products (class-attention row,
-  similarity and distance matrices, predictor layers) and element-wise work (weighted sums of
-  fused, squeezed or merged tokens).
+  similarity matrices, bipartite scores, predictor layers), pairwise distance matrices (DPC-kNN)
+  and element-wise work (weighted sums of fused, squeezed or merged tokens).
 
 Not counted (as in fvcore's defaults that the papers used): LayerNorm, softmax, GELU, additions,
 top-k and sorting. `torch.utils.flop_counter.FlopCounterMode` counts only matrix products and
-convolutions (including `scaled_dot_product_attention`), so its total / 2 must equal
-`MACsBreakdown.matmul` (tests/test_gmacs.py checks within 2 %).
+convolutions (including `scaled_dot_product_attention`, not `torch.cdist`), so its total / 2 must
+equal `MACsBreakdown.matmul` (tests/test_gmacs.py checks every method within 2 %; they agree exactly).
 
 Token counts come from one engine forward of a single seeded dummy image (`track=False`): every
 method here keeps a fixed count per stage, so one image gives the counts of every image.
@@ -43,7 +43,9 @@ class BlockMACs:
         attention_products: Q K^T and P V MACs.
         mlp: fc1 and fc2 MACs.
         method_matmul: the reduction's own matrix products (class-attention row, similarities,
-            distances, predictor).
+            bipartite scores, predictor layers).
+        method_distances: the reduction's pairwise distance matrices (DPC-kNN's `torch.cdist`,
+            N^2 C), counted as MACs like a product; FlopCounterMode does not see `cdist`.
         method_elementwise: the reduction's own element-wise multiply-adds (weighted sums).
     """
 
@@ -54,16 +56,19 @@ class BlockMACs:
     attention_products: float = 0.0
     mlp: float = 0.0
     method_matmul: float = 0.0
+    method_distances: float = 0.0
     method_elementwise: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.attention_linear + self.attention_products + self.mlp + self.method_matmul + self.method_elementwise
+        return (self.attention_linear + self.attention_products + self.mlp + self.method_matmul + self.method_distances
+                + self.method_elementwise)
 
 
 @dataclass
 class MACsBreakdown:
-    """Per-image MACs of a plan: `total` (everything counted) and `matmul` (what FlopCounterMode sees)."""
+    """Per-image MACs of a plan: `total` (everything counted) and `matmul` (what FlopCounterMode sees:
+    products and convolutions, without the element-wise work and the `cdist` distance matrices)."""
 
     plan: ReductionPlan
     patch_embed: float
@@ -76,7 +81,7 @@ class MACsBreakdown:
 
     @property
     def matmul(self) -> float:
-        return self.total - sum(block.method_elementwise for block in self.blocks)
+        return self.total - sum(block.method_elementwise + block.method_distances for block in self.blocks)
 
     @property
     def gmacs(self) -> float:
@@ -85,7 +90,7 @@ class MACsBreakdown:
     @property
     def method_share(self) -> float:
         """The fraction of `total` spent on the reduction itself."""
-        own = sum(block.method_matmul + block.method_elementwise for block in self.blocks)
+        own = sum(block.method_matmul + block.method_distances + block.method_elementwise for block in self.blocks)
         return own / self.total if self.total else 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -153,21 +158,21 @@ def _dynamicvit(s: StageShape) -> tuple[float, float]:
     return _predictor(s), 0.0
 
 
-def _bat(s: StageShape) -> tuple[float, float]:
+def _bat(s: StageShape) -> tuple[float, float, float]:
     if not s.acted:
-        return _cls_row(s), 0.0
+        return _cls_row(s), 0.0, 0.0
     attentive = kept_count(s.keep_rate, s.n_in)
     inattentive = s.n_in - attentive
     d = s.channels if s.params.get("match_on") == "hidden" else s.channels // s.heads
     distances = inattentive * inattentive * s.channels               # DPC-kNN on the inattentive tokens
     matching = math.ceil(attentive / 2) * (attentive // 2) * d        # bipartite matching on the attentive keys
-    return _cls_row(s) + distances + matching, s.n_in * s.channels   # every token enters one weighted mean
+    return _cls_row(s) + matching, s.n_in * s.channels, distances     # every token enters one weighted mean
 
 
-def _dpc(s: StageShape) -> tuple[float, float]:
+def _dpc(s: StageShape) -> tuple[float, float, float]:
     if not s.acted:
-        return 0.0, 0.0
-    return s.n_in * s.n_in * s.channels, s.n_in * s.channels
+        return 0.0, 0.0, 0.0
+    return 0.0, s.n_in * s.channels, s.n_in * s.n_in * s.channels
 
 
 def _tome(s: StageShape) -> tuple[float, float]:
@@ -178,8 +183,8 @@ def _tome(s: StageShape) -> tuple[float, float]:
     return math.ceil(n / 2) * (n // 2) * d, (s.n_in - s.n_out) * s.channels
 
 
-# The reduction's own work per method name: StageShape -> (matrix-product MACs, element-wise MACs).
-# A method class may instead define `own_macs(stage_shape) -> (matmul, elementwise)`.
+# The reduction's own work per method name: StageShape -> (matrix products, element-wise[, distances]) MACs.
+# A method class may instead define `own_macs(stage_shape)` returning the same tuple.
 METHOD_WORK: dict[str, Callable[[StageShape], tuple[float, float]]] = {
     "evit": _evit,
     "etps": _etps,
@@ -191,19 +196,19 @@ METHOD_WORK: dict[str, Callable[[StageShape], tuple[float, float]]] = {
 }
 
 
-def method_macs(method_name: str, shape: StageShape) -> tuple[float, float]:
-    """The reduction's own MACs at one stage: (matrix products, element-wise), per image.
+def method_macs(method_name: str, shape: StageShape) -> tuple[float, float, float]:
+    """The reduction's own MACs at one stage: (matrix products, element-wise, distance matrices), per image.
 
     Uses the method's `own_macs` when it defines one, else `METHOD_WORK`; an unknown method
-    without either is counted as free (0, 0).
+    without either is counted as free (0, 0, 0).
     """
     method = get_method(method_name)
     own = getattr(method, "own_macs", None)
-    if callable(own):
-        matmul, elementwise = own(shape)
-        return float(matmul), float(elementwise)
-    work = METHOD_WORK.get(method_name)
-    return (0.0, 0.0) if work is None else tuple(float(v) for v in work(shape))
+    work = own if callable(own) else METHOD_WORK.get(method_name)
+    if work is None:
+        return 0.0, 0.0, 0.0
+    values = [float(v) for v in work(shape)]
+    return values[0], values[1], values[2] if len(values) > 2 else 0.0
 
 
 def _dummy_image(model: torch.nn.Module) -> torch.Tensor:
@@ -273,7 +278,7 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
                 n_in=previous - 1, n_out=after - 1, channels=int(model.embed_dim), heads=int(attn.num_heads),
                 keep_rate=plan.keep_rate, params=params, acted=after != previous,
             )
-            entry.method_matmul, entry.method_elementwise = method_macs(plan.method, shape)
+            entry.method_matmul, entry.method_elementwise, entry.method_distances = method_macs(plan.method, shape)
         breakdown.blocks.append(entry)
         previous = after
     return breakdown

@@ -73,3 +73,40 @@ def test_flop_counter_agrees(models, plan):
         counted = _flop_counter_macs(models[name], plan)
         assert ours.matmul == pytest.approx(counted, rel=0.02)
         assert ours.total >= ours.matmul
+
+
+def _predictor_extras(width: int, stages: int = 3) -> dict:
+    """Seeded dTPS / DynamicViT score-predictor weights (methods.md §3 shapes; official key names)."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for s in range(stages):
+        shapes = {"in_conv.0.weight": (width,), "in_conv.0.bias": (width,), "in_conv.1.weight": (width, width),
+                  "in_conv.1.bias": (width,), "out_conv.0.weight": (width // 2, width), "out_conv.0.bias": (width // 2,),
+                  "out_conv.2.weight": (width // 4, width // 2), "out_conv.2.bias": (width // 4,),
+                  "out_conv.4.weight": (2, width // 4), "out_conv.4.bias": (2,)}
+        for name, shape in shapes.items():
+            state[f"{s}.{name}"] = torch.randn(*shape, generator=generator) * 0.1
+    return {"score_predictor": state}
+
+
+def test_every_method_agrees_with_the_flop_counter(models):
+    """Each registered method's own work (cls row, similarities, bipartite scores, predictors) is
+    counted like FlopCounterMode counts it; DPC-kNN's distance matrices (torch.cdist, which the
+    counter does not see) are booked apart in `method_distances`."""
+    from analysis.methods import METHODS
+
+    extras = _predictor_extras(192)
+    dense = plan_gmacs(models["tiny"], ReductionPlan())
+    for name, method in METHODS.items():
+        plan = ReductionPlan.make("tome", 1.0, None, r=13) if name == "tome" else ReductionPlan.make(name, 0.7)
+        ours = plan_macs(models["tiny"], plan, extras)
+        image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run(models["tiny"], image, plan, extras=extras, track=False)
+        assert ours.matmul == pytest.approx(counter.get_total_flops() / 2, rel=0.02), name
+        assert ours.gmacs < 0.7 * dense, name
+        own = sum(b.method_matmul + b.method_distances + b.method_elementwise for b in ours.blocks)
+        assert own > 0, name  # every method's own work is counted
+        if name in ("bat", "dpc"):
+            assert sum(b.method_distances for b in ours.blocks) > 0
