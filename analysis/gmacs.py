@@ -7,6 +7,7 @@ image. Counted, per block, from the token count the attention and the MLP really
 - attention products: Q K^T and P V, `2 N^2 C` (all heads together);
 - MLP: `fc1` and `fc2` (N C 4C each for ViT);
 - the patch embedding (a convolution) and the classifier head;
+- the class-attention row at a reducing block of a method that scores by it (`(N) C`);
 - the method's own work (see `method_macs`), split into matrix products (class-attention row,
   similarity matrices, bipartite scores, predictor layers), pairwise distance matrices (DPC-kNN)
   and element-wise work (weighted sums of fused, squeezed or merged tokens).
@@ -122,11 +123,6 @@ class StageShape:
     acted: bool
 
 
-def _cls_row(s: StageShape) -> float:
-    # q_cls k^T for every head: H * (N) * d = (n + 1) C
-    return (s.n_in + 1) * s.channels
-
-
 def _predictor(s: StageShape) -> float:
     # methods.md §3: Linear(C,C), Linear(C,C/2), Linear(C/2,C/4), Linear(C/4,2) on every token
     c = s.channels
@@ -141,12 +137,11 @@ def _squeeze(s: StageShape) -> tuple[float, float]:
 
 def _evit(s: StageShape) -> tuple[float, float]:
     fused = (s.n_in - kept_count(s.keep_rate, s.n_in)) * s.channels if s.acted and s.params.get("fuse", True) else 0
-    return _cls_row(s), fused
+    return 0.0, fused
 
 
 def _etps(s: StageShape) -> tuple[float, float]:
-    matmul, elementwise = _squeeze(s) if s.acted else (0, 0)
-    return _cls_row(s) + matmul, elementwise
+    return _squeeze(s) if s.acted else (0.0, 0.0)
 
 
 def _dtps(s: StageShape) -> tuple[float, float]:
@@ -160,13 +155,13 @@ def _dynamicvit(s: StageShape) -> tuple[float, float]:
 
 def _bat(s: StageShape) -> tuple[float, float, float]:
     if not s.acted:
-        return _cls_row(s), 0.0, 0.0
+        return 0.0, 0.0, 0.0
     attentive = kept_count(s.keep_rate, s.n_in)
     inattentive = s.n_in - attentive
     d = s.channels if s.params.get("match_on") == "hidden" else s.channels // s.heads
     distances = inattentive * inattentive * s.channels               # DPC-kNN on the inattentive tokens
     matching = math.ceil(attentive / 2) * (attentive // 2) * d        # bipartite matching on the attentive keys
-    return _cls_row(s) + matching, s.n_in * s.channels, distances     # every token enters one weighted mean
+    return matching, s.n_in * s.channels, distances                   # every token enters one weighted mean
 
 
 def _dpc(s: StageShape) -> tuple[float, float, float]:
@@ -279,6 +274,9 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
                 keep_rate=plan.keep_rate, params=params, acted=after != previous,
             )
             entry.method_matmul, entry.method_elementwise, entry.method_distances = method_macs(plan.method, shape)
+            if method.acts == "inside" and method.needs_cls_attention:
+                # the engine computes the class-attention row on its own: q_cls k^T, (n + 1) d per head
+                entry.method_matmul += n_attention * width
         breakdown.blocks.append(entry)
         previous = after
     return breakdown
