@@ -46,6 +46,8 @@ def test_json_shape(capsys, sample_files):
             assert {"index", "label", "prob"} <= set(record[key][0])
             probs = [p["prob"] for p in record[key]]
             assert probs == sorted(probs, reverse=True)
+        assert len(record["diversity"]) == 12 and all(value > 0 for value in record["diversity"])
+        assert round(record["gmacs"], 1) == 0.8 and round(record["dense_gmacs"], 1) == 1.3
     # the robin photo is a robin for the dense model
     assert records[1]["dense_top5"][0]["index"] == imagenet_wnids().index("n01558993")
 
@@ -62,6 +64,11 @@ def test_no_fuse_and_readable_summary(capsys, sample_files):
 def test_random_weights_are_labelled_in_json(capsys, sample_files):
     code, out, _ = run_cli(capsys, "inspect", str(sample_files[0]), *TINY, "--weights", "random", "--json")
     assert code == 0 and json.loads(out)[0]["weights"].startswith("random")
+    # DeiT-S is not shipped: random weights still give its published GMACs (EViT, methods.md §2)
+    code, out, _ = run_cli(capsys, "inspect", str(sample_files[0]), "--model", "deit_small_patch16_224",
+                           "--device", "cpu", "--weights", "random", "--json")
+    record = json.loads(out)[0]
+    assert code == 0 and round(record["gmacs"], 1) == 3.0 and round(record["dense_gmacs"], 1) == 4.6
 
 
 def test_dense_top1_on_the_imagenet_sample(capsys, sample_files):

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from ..diversity import diversity_per_block
+from ..gmacs import gmacs_report
 from ..inspect import inspect_batch, plan_params, stage_records, top_k
 from ..methods import METHODS
 from ..models import load_image, load_model, data_config
@@ -36,6 +38,8 @@ def main(args: argparse.Namespace) -> int:
     inspection = inspect_batch(loaded, images, plan, args.crop_pct)
     reduced_top5 = top_k(inspection.reduced.logits)
     dense_top5 = top_k(inspection.dense.logits)
+    diversity = diversity_per_block(inspection.reduced)  # [B, depth], l1 medoid (methods.md §5)
+    cost = gmacs_report(loaded.model, plan, loaded.extras, inspection.reduced.token_counts)
     records = []
     for index, path in enumerate(args.images):
         records.append({
@@ -50,6 +54,9 @@ def main(args: argparse.Namespace) -> int:
             "stages": stage_records(inspection.reduced, index),
             "top5": reduced_top5[index],
             "dense_top5": dense_top5[index],
+            "diversity": [round(float(value), 6) for value in diversity[index]],
+            "gmacs": round(cost["gmacs"], 6),
+            "dense_gmacs": round(cost["dense_gmacs"], 6),
         })
     if args.json:
         json.dump(records, sys.stdout)
@@ -66,6 +73,7 @@ def _summary(record: dict) -> str:
         f"  model {record['model']} ({record['weights']}), device {record['device']}, crop {record['crop_pct']}",
         f"  method {record['method']} {record['params']}",
         f"  tokens per block: {' '.join(map(str, record['token_counts']))}",
+        f"  GMACs {record['gmacs']:.3f} (dense {record['dense_gmacs']:.3f})",
     ]
     for stage in record["stages"]:
         kinds = {kind: stage["token_kinds"].count(kind) for kind in dict.fromkeys(stage["token_kinds"])}
