@@ -362,6 +362,20 @@ def run_benchmark(
     return rows
 
 
+def contention_note(rows: list[BenchRow]) -> str | None:
+    """A one-line warning when the load average during timing exceeded the thread count by more
+    than one, i.e. other processes competed for the cores and the numbers are unreliable; else None."""
+    loads = [row.load_average for row in rows if row.load_average is not None and row.device == "cpu"]
+    if not loads or not rows:
+        return None
+    worst = max(loads)
+    cores = os.cpu_count() or 1
+    if worst <= max(cores, rows[0].threads) + 1.0:
+        return None
+    return (f"load average reached {worst:.1f} on {cores} cores while timing: other processes competed for the CPU, "
+            "so these times are inflated and the speedups unreliable; re-run on an idle machine")
+
+
 def _load_average() -> float | None:
     """The 1-minute load average (runnable processes; above the core count means contention), or None."""
     try:

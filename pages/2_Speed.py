@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
-from analysis.bench import CSV_COLUMNS, BenchConfig, dtype_label, make_settings, run_benchmark
+from analysis.bench import CSV_COLUMNS, BenchConfig, contention_note, dtype_label, make_settings, run_benchmark
 from analysis.methods import METHODS
 from analysis.models import TokenscopeError
 from ui.shared import model_sidebar, weights_badge
@@ -90,16 +90,18 @@ def main() -> None:
         except TokenscopeError as err:
             st.error(f"{err}. Change the settings above and run again.")
             return
-        st.session_state["speed_result"] = (loaded.name, loaded.weights_label, [row.csv_record() for row in rows])
+        st.session_state["speed_result"] = (loaded.name, loaded.weights_label, [row.csv_record() for row in rows], contention_note(rows))
 
     result = st.session_state.get("speed_result")
     if result is None:
         st.info("Choose the settings and press **Run benchmark**. On a CPU, DeiT-S at batch 32 takes about a second per forward.")
         return
-    name, weights, records = result
+    name, weights, records, note = result
     frame = pd.DataFrame(records, columns=list(CSV_COLUMNS))
     frame["r"] = pd.to_numeric(frame["r"], errors="coerce")
     st.subheader(f"{name} · weights: {weights}")
+    if note:
+        st.warning(note[0].upper() + note[1:] + ".")
     st.dataframe(frame[TABLE_COLUMNS], hide_index=True, use_container_width=True)
     st.plotly_chart(speedup_figure(frame), use_container_width=True)
     st.download_button("Download results.csv", frame.to_csv(index=False).encode(), file_name="results.csv", mime="text/csv")

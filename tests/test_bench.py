@@ -142,3 +142,20 @@ def test_bench_forms_no_n_by_n_attention(tiny, monkeypatch):
     assert len(sdpa_calls) == 2 * 12 * len(settings)
     assert all(shape[-2] > 1 for shape in sdpa_calls)
     assert reducing
+
+
+def test_contention_note_flags_a_loaded_machine(tiny):
+    """The warning appears only when the load average during timing exceeded the cores (+1)."""
+    import dataclasses
+    import os
+
+    from analysis.bench import contention_note
+
+    rows = run_benchmark(tiny, make_settings([]), BenchConfig(batch_sizes=(1,), warmup=0, repeats=1))
+    assert [row.method for row in rows] == ["none"] and rows[0].samples_ms and rows[0].speedup_vs_dense == 1.0
+    cores = os.cpu_count() or 1
+    quiet = [dataclasses.replace(rows[0], load_average=float(cores))]
+    busy = [dataclasses.replace(rows[0], load_average=float(cores) + 3.0)]
+    assert contention_note(quiet) is None
+    note = contention_note(busy)
+    assert note is not None and f"{cores + 3.0:.1f}" in note and "idle machine" in note

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..bench import BenchConfig, make_settings, parse_list, run_benchmark, write_csv
+from ..bench import BenchConfig, contention_note, make_settings, parse_list, run_benchmark, write_csv
 from ..models import load_model
 from .common import add_model_args
 
@@ -50,6 +50,9 @@ def main(args: argparse.Namespace) -> int:
         sys.stderr.write("\n")
     for row in rows:
         print(row.describe())
+    note = contention_note(rows)
+    if note:
+        print(f"# WARNING: {note}")
     path = write_csv(rows, args.out)
     print(f"# wrote {path}")
     return 0
