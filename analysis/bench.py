@@ -22,6 +22,7 @@ on the CPU (CPU autocast has no useful float16 path).
 from __future__ import annotations
 
 import csv
+import ctypes
 import math
 import os
 import statistics
@@ -48,7 +49,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "latency_ms_q1", "latency_ms_q3", "latency_ms_min", "latency_ms_max",
     "images_per_s_q1", "images_per_s_q3", "gmacs_ratio", "token_counts",
     "speedup_min", "cpu_time_ms", "speedup_cpu_time", "load_average",
-    "threads", "repeats", "warmup", "weights", "provenance_overhead_pct",
+    "threads", "repeats", "warmup", "weights", "provenance_overhead_pct", "allocator",
 )
 
 
@@ -111,6 +112,7 @@ class BenchRow:
     speedup_cpu_time: float = float("nan")
     load_average: float | None = None
     provenance_overhead_pct: float | None = None
+    allocator: str = "system"
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
     def csv_record(self) -> dict[str, Any]:
@@ -126,7 +128,8 @@ class BenchRow:
         what = "dense" if self.method == "none" else (
             f"{self.method} r={self.r}" if self.r is not None else f"{self.method} keep={self.keep_rate:g}")
         line = (
-            f"{self.model} {what:<14} | {self.device} {self.dtype} batch {self.batch_size} threads {self.threads} | "
+            f"{self.model} {what:<14} | {self.device} {self.dtype} batch {self.batch_size} threads {self.threads}"
+            f"{' steady-alloc' if self.allocator == 'steady' else ''} | "
             f"{self.images_per_s:8.1f} img/s (IQR {self.images_per_s_q1:.1f}-{self.images_per_s_q3:.1f}) | "
             f"latency {self.latency_ms:9.1f} ms median, IQR {self.latency_ms_q1:.1f}-{self.latency_ms_q3:.1f}, "
             f"min {self.latency_ms_min:.1f}, max {self.latency_ms_max:.1f} ({self.repeats} repeats) | "
@@ -228,6 +231,31 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+ALLOCATORS = ("system", "steady")
+
+
+def use_steady_allocator() -> bool:
+    """Make glibc's malloc keep freed memory instead of handing it back to the kernel.
+
+    By default glibc serves every allocation over its mmap threshold (at most 32 MB, e.g. DeiT-S's
+    32 x 197 x 1536 float32 MLP activations) with fresh pages, and each first touch of a page is a
+    page fault: about 178k per dense DeiT-S forward at batch 32 on the test machine, roughly 15 % of
+    its time, and how many a reduced model takes depends on what ran before it (the threshold adapts
+    to past frees), so speedups move with the order of the runs. `mallopt(M_MMAP_MAX, 0)` and a 2 GB
+    `M_TRIM_THRESHOLD` keep everything on the heap and never trim it: after the warm-up a forward
+    takes almost no page faults, whatever ran before (what a caching allocator such as jemalloc or
+    tcmalloc gives a deployed service). Process-wide and irreversible; memory is not returned to
+    the OS. Returns False where the C library has no `mallopt` (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h> constants
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 @dataclass
 class BenchConfig:
     """What to run.
@@ -240,6 +268,8 @@ class BenchConfig:
         threads: torch intra-op threads (None: leave torch's setting).
         seed: input seed.
         provenance: also time each reduced setting with `track=True` and report the overhead.
+        allocator: "system" (the C library's default) or "steady" (glibc only, see
+            `use_steady_allocator`; changes the whole process for good, so the app never uses it).
     """
 
     batch_sizes: tuple[int, ...] = (32,)
@@ -249,8 +279,11 @@ class BenchConfig:
     threads: int | None = None
     seed: int = 0
     provenance: bool = False
+    allocator: str = "system"
 
     def validate(self) -> None:
+        if self.allocator not in ALLOCATORS:
+            raise BenchError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {self.allocator!r}")
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise BenchError(f"batch sizes must be positive integers, got {','.join(map(str, self.batch_sizes)) or 'none'}")
         if self.repeats < 1:
@@ -292,6 +325,8 @@ def run_benchmark(
             reason = method.unavailable_reason(loaded.extras)
             if reason:
                 raise PlanError(f"{method.label} cannot run: {reason}")
+    if config.allocator == "steady" and not use_steady_allocator():
+        raise BenchError("the steady allocator needs glibc's mallopt, which this C library lacks: use --allocator system")
     if config.threads is not None:
         torch.set_num_threads(int(config.threads))
     threads = torch.get_num_threads()
@@ -357,7 +392,7 @@ def run_benchmark(
                 speedup_min=dense_min / min(times),
                 cpu_time_ms=1e3 * statistics.median(cpu_samples[(setting, False)]),
                 speedup_cpu_time=dense_cpu / statistics.median(cpu_samples[(setting, False)]),
-                provenance_overhead_pct=overhead, load_average=load, samples_ms=[1e3 * t for t in times],
+                provenance_overhead_pct=overhead, load_average=load, allocator=config.allocator, samples_ms=[1e3 * t for t in times],
             ))
     return rows
 

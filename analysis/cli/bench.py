@@ -25,6 +25,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per setting and batch size, interleaved (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
     parser.add_argument("--provenance", action="store_true", help="also time each reduced setting with provenance tracking on and print its overhead")
+    parser.add_argument("--allocator", default="system", choices=("system", "steady"),
+                        help="system: the C library's malloc as is; steady: glibc keeps freed memory (no mmap, no trim), so forwards "
+                             "take no page faults and results do not depend on the order of runs (see analysis/bench.py)")
     parser.add_argument("--out", required=True, help="folder for results.csv")
     parser.set_defaults(handler=main)
 
@@ -34,12 +37,13 @@ def main(args: argparse.Namespace) -> int:
     settings = make_settings(parse_list(args.methods, str, "--methods"), parse_list(args.keep_rates, float, "--keep-rates"),
                              parse_list(args.r, int, "--r"))
     config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "--batch-sizes")), warmup=args.warmup,
-                         repeats=args.repeats, amp=args.amp, threads=args.threads, seed=args.seed, provenance=args.provenance)
+                         repeats=args.repeats, amp=args.amp, threads=args.threads, seed=args.seed, provenance=args.provenance,
+                         allocator=args.allocator)
     config.validate()
     loaded = load_model(args.model, args.weights, args.device)
     print(f"# {loaded.name}, weights {loaded.weights_label}, device {loaded.device}; "
           f"{len(settings)} settings x {len(config.batch_sizes)} batch sizes, {config.warmup} warm-up + {config.repeats} timed calls each, "
-          f"interleaved; median with IQR and min/max", flush=True)
+          f"interleaved; median with IQR and min/max; allocator {config.allocator}", flush=True)
 
     def progress(fraction: float, text: str) -> None:
         sys.stderr.write(f"\r[{100 * fraction:5.1f}%] {text:<60}")
