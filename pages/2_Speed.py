@@ -55,7 +55,8 @@ def main() -> None:
     st.title("Speed: does token reduction make the model faster?")
     st.caption("Seeded random input, provenance off, torch.inference_mode; each setting is warmed up, then timed in "
                "interleaved rounds. Median latency per batch with its interquartile range (IQR); speedup = dense "
-               "median / reduced median from the same run. Same code as `python -m analysis bench`.")
+               "median / reduced median from the same run. Same code as `python -m analysis bench` with the system "
+               "memory allocator (the CLI's `--allocator steady` removes page faults; see the README's Speed section).")
     choice = model_sidebar()
     loaded = choice.loaded
     if loaded is None:
