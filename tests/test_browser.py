@@ -104,6 +104,13 @@ def test_main_job_in_chromium(server, browser):
         assert page.get_by_text(f"layer {layer}: masked tokens, {tokens} tokens out").count() == 1
         assert page.get_by_text(f"layer {layer}: class attention").count() == 1
     assert page.locator(STAGE_IMAGES).count() == 1 + 3 + 3 + 1
+    # pictures below the fold may load lazily: bring each into view and wait until it has decoded
+    for image in page.locator(STAGE_IMAGES).all():
+        image.scroll_into_view_if_needed()
+    page.wait_for_function(
+        f"[...document.querySelectorAll('{STAGE_IMAGES}')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=LOAD_TIMEOUT_MS,
+    )
     sizes = page.eval_on_selector_all(STAGE_IMAGES, "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
     assert all(w > 0 and h > 0 for w, h in sizes), "every picture loaded"
     assert sizes[1][0] == 448, "stage pictures are drawn at twice the 224 px crop"
