@@ -296,16 +296,27 @@ def summary_table(analyses: dict[str, Analysis], dense: Analysis) -> pd.DataFram
 
 
 def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: LoadedModel) -> None:
-    """Diversity r(Z) of every block's output (methods.md §5, l1 medoid, divided by the token
-    count so methods with different counts compare), one line per method (viz.charts)."""
+    """Diversity r(Z) of every block's output (methods.md §5), one line per method (viz.charts),
+    with the options of §5: medoid (BAT's definition) or median centre, per-token normalisation
+    (so methods with different token counts compare) and size weighting."""
     depth = len(loaded.model.blocks)
-    series = [{"method": "none", "label": "dense", "values": dense.diversity.tolist(), "reducing_layers": []}]
-    series += [{"method": name, "label": get_method(name).label, "values": a.diversity.tolist(),
+    left, middle, right = st.columns(3)
+    centre = left.radio("Diversity centre", ("medoid", "median"), horizontal=True, key="diversity_centre",
+                        help="medoid: the centre is one of the tokens (BAT's r(Z)); median: any vector, the channel-wise "
+                             "median (median <= medoid <= 2 median)")
+    per_token = middle.checkbox("Per token (divide by the token count)", value=True, key="diversity_per_token",
+                                help="Methods keep different numbers of tokens; per token they compare.")
+    size_weighted = right.checkbox("Size-weighted (a token counts once per patch it holds)", key="diversity_size_weighted")
+    options = dict(centre=centre, size_weighted=size_weighted, per_token=per_token)
+    series = [{"method": "none", "label": "dense", "values": dense.diversity_values(**options).tolist(), "reducing_layers": []}]
+    series += [{"method": name, "label": get_method(name).label, "values": a.diversity_values(**options).tolist(),
                 "reducing_layers": list(a.plan.reducing_layers(depth))} for name, a in analyses.items()]
     title = "Token diversity r(Z) per block, this image" + (" (random weights)" if loaded.is_random else "")
-    figure = diversity_chart(series, title=title, per_token=True)
+    figure = diversity_chart(series, title=title, per_token=per_token)
     # Under Streamlit's theme the chart's title and its top legend overlap: the title goes above.
-    st.markdown(f"**{title}** (l1 distance to the medoid token, per token; methods.md §5)")
+    centre_text = "the medoid token" if centre == "medoid" else "the channel-wise median"
+    st.markdown(f"**{title}** (l1 distance to {centre_text}{', per token' if per_token else ''}"
+                f"{', size-weighted' if size_weighted else ''}; methods.md §5)")
     shown = go.Figure(figure).update_layout(title=None, margin=dict(t=40))  # the HTML download keeps its title
     st.plotly_chart(shown, key="diversity_chart")
     st.download_button("HTML", data=lambda: html_bytes(figure), file_name="diversity_per_block.html", mime="text/html",

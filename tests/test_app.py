@@ -221,3 +221,29 @@ def test_predictor_checkpoint_enables_dtps_and_dynamicvit(tiny):
     assert [c for c in captions if "masked tokens" in c] == [
         "layer 4: masked tokens, 138 tokens out", "layer 7: masked tokens, 97 tokens out", "layer 10: masked tokens, 68 tokens out"]
     assert [tab.label for tab in at.tabs] == [METHODS["dtps"].label, METHODS["dynamicvit"].label]
+
+
+def test_diversity_options_change_the_chart():
+    """Medoid vs median centre, per token or not (methods.md §5): the chart follows the options,
+    and the bound median <= medoid <= 2 median holds block by block on the real tokens."""
+    import json
+
+    at = fresh()
+    assert_clean(at)
+
+    def dense_values() -> list[float]:
+        figure = json.loads(at.get("plotly_chart")[-1].proto.spec)
+        return next(trace["y"] for trace in figure["data"] if trace["name"] == "dense")
+
+    per_token_medoid = dense_values()
+    at.checkbox(key="diversity_per_token").uncheck().run()
+    medoid = dense_values()
+    assert all(abs(total / 196 - per) < 1e-6 * total for total, per in zip(medoid, per_token_medoid))
+    at.radio(key="diversity_centre").set_value("median").run()
+    assert_clean(at)
+    median = dense_values()
+    assert all(m <= d <= 2 * m for m, d in zip(median, medoid))
+    assert median != medoid
+    at.checkbox(key="diversity_size_weighted").check().run()
+    assert_clean(at)
+    assert len(dense_values()) == 12

@@ -129,7 +129,9 @@ class ImageAnalysis:
         stages: one `viz.overlays.StageRecord` per reduction stage (provenance, methods.md §7).
         top5: the 5 most probable ImageNet classes as {index, label, prob}.
         gmacs: `analysis.gmacs.gmacs_report` of the plan with the actual token counts.
-        diversity: [depth] r(Z) of each block's output, per token (methods.md §5).
+        diversity: r(Z) of each block's output (methods.md §5) for every option the page offers:
+            `diversity[(centre, size_weighted, per_token)]` is a [depth] float64 array, with centre
+            "medoid" (BAT's definition) or "median" (free centre).
     """
 
     plan: Any
@@ -137,7 +139,11 @@ class ImageAnalysis:
     stages: list[Any]
     top5: list[dict[str, Any]]
     gmacs: dict[str, float]
-    diversity: np.ndarray
+    diversity: dict[tuple[str, bool, bool], np.ndarray]
+
+    def diversity_values(self, centre: str = "medoid", size_weighted: bool = False, per_token: bool = True) -> np.ndarray:
+        """[depth] r(Z) per block for one choice of the diversity options."""
+        return self.diversity[(centre, bool(size_weighted), bool(per_token))]
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -155,7 +161,7 @@ def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_
 
     Raises PlanError / TokenscopeError when the plan cannot run on this model.
     """
-    from analysis.diversity import diversity_per_block
+    from analysis.diversity import diversity_per_block_both
     from analysis.engine import run
     from analysis.gmacs import gmacs_report
     from analysis.inspect import top_k
@@ -164,11 +170,17 @@ def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_
     loaded = cached_model(name, weights, device)
     batch = preprocess([_image], loaded.model, crop_pct).to(loaded.device)
     result = run(loaded.model, batch, plan, extras=loaded.extras, keep_block_outputs=True)
+    diversity = {}
+    for centre in ("medoid", "median"):
+        for size_weighted in (False, True):
+            raw, per_token = diversity_per_block_both(result, centre, size_weighted)
+            diversity[(centre, size_weighted, False)] = raw[0]
+            diversity[(centre, size_weighted, True)] = per_token[0]
     return ImageAnalysis(
         plan=plan,
         token_counts=list(result.token_counts),
         stages=[StageRecord.from_stage(stage, 0) for stage in result.stages],
         top5=top_k(result.logits, 5)[0],
         gmacs=gmacs_report(loaded.model, plan, loaded.extras, list(result.token_counts)),
-        diversity=diversity_per_block(result, per_token=True)[0],
+        diversity=diversity,
     )
