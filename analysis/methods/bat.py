@@ -21,6 +21,12 @@ from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, 
 from .evit import select_attentive
 
 RECONSTRUCTION = "Reconstruction choice (BAT released no code, methods.md §4): "
+# Shared by BAT and the diversity-only clustering: one spec, one CLI flag.
+KNN = ParamSpec(
+    "knn", 5, "int",
+    RECONSTRUCTION + "neighbours k of the DPC-kNN density (TCFormer's; the token itself counts).",
+    minimum=1, maximum=64,
+)
 
 
 def dpc_knn(x: torch.Tensor, num_clusters: int, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,11 +150,7 @@ class BAT(Method):
             RECONSTRUCTION + "clusters c = max(1, round(beta x inattentive count)); the attentive branch merges c pairs so the output keeps ceil(rho n) tokens.",
             minimum=0.01, maximum=1.0,
         ),
-        ParamSpec(
-            "knn", 5, "int",
-            RECONSTRUCTION + "neighbours k of the DPC-kNN density (TCFormer's; the token itself counts).",
-            minimum=1, maximum=64,
-        ),
+        KNN,
         ParamSpec(
             "weighting", "attention", "choice",
             RECONSTRUCTION + "how a pair or cluster is combined: attention = weighted mean with a_i x size_i, size = size-weighted mean "
@@ -217,11 +219,7 @@ class DiversityClustering(Method):
     paper = "the diversity-based baseline of BAT (Long et al., CVPR 2023), DPC-kNN as in TCFormer (Zeng et al., CVPR 2022)"
     needs_cls_attention = True  # only for the "attention" weighting and the stage records
     params = (
-        ParamSpec(
-            "knn", 5, "int",
-            RECONSTRUCTION + "neighbours k of the DPC-kNN density (TCFormer's; the token itself counts).",
-            minimum=1, maximum=64,
-        ),
+        KNN,
         ParamSpec(
             "weighting", "size", "choice",
             "How a cluster is combined: size = size-weighted mean (no importance, the default for this diversity-only baseline), "
