@@ -39,3 +39,13 @@ def sample_batch(tiny, sample_files) -> torch.Tensor:
     from analysis.models import load_image, preprocess
 
     return preprocess([load_image(path) for path in sample_files[:8]], tiny.model)
+
+
+def open_page(relative_path: str, timeout: float = 240):
+    """Run one Streamlit page script through AppTest and check it raised nothing."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / relative_path), default_timeout=timeout)
+    at.run()
+    assert not at.exception, at.exception
+    return at

@@ -3,20 +3,13 @@ path, running a small sweep from the page, and preparing the figures download.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from streamlit.testing.v1 import AppTest
+from conftest import open_page
 
 from test_sweep import sample_sweep  # noqa: F401  (the session's sweep; reruns resume instantly)
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "1_Curves.py")
-
-
-def _page() -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=240)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+def _page():
+    return open_page("pages/1_Curves.py", timeout=240)
 
 
 def test_loads_a_results_file_and_draws_everything(sample_sweep):  # noqa: F811

@@ -2,18 +2,11 @@
 benchmark and shows the table (dense row speedup 1) and the speedup-vs-GMACs chart, without errors."""
 from __future__ import annotations
 
-from pathlib import Path
 
-from streamlit.testing.v1 import AppTest
+from conftest import open_page
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "2_Speed.py")
-
-
-def _page() -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=180)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+def _page():
+    return open_page("pages/2_Speed.py", timeout=180)
 
 
 def test_speed_page_runs_a_tiny_benchmark():
