@@ -37,10 +37,7 @@ from .engine import PlanError, ReductionPlan, run
 from .methods import METHODS, get_method
 from .models import LoadedModel, TokenscopeError
 
-try:  # GMACs per image from the real token counts (methods.md §8), written in analysis/gmacs.py.
-    from .gmacs import plan_gmacs
-except ImportError:  # pragma: no cover - only while gmacs.py is absent
-    plan_gmacs = None
+from .gmacs import plan_gmacs, token_counts
 
 # The columns of results.csv, in order: the ones the issue names, then the spread and the context.
 CSV_COLUMNS: tuple[str, ...] = (
@@ -333,13 +330,9 @@ def run_benchmark(
     dtype = dtype_label(device, config.amp)
     extras = loaded.extras
 
-    # GMACs per image and token counts: one dummy forward per plan, outside the timed region.
-    gmacs: dict[ReductionPlan, float] = {}
-    counts: dict[ReductionPlan, list[int]] = {}
-    for setting in settings:
-        counts[setting.plan] = run(model, random_images(model, 1, device, config.seed), setting.plan, extras=extras, track=False).token_counts
-        # INTEGRATION POINT: GMACs come from analysis/gmacs.py (plan_gmacs); NaN only if it is absent.
-        gmacs[setting.plan] = float("nan") if plan_gmacs is None else plan_gmacs(model, setting.plan, extras, counts[setting.plan])
+    # GMACs per image and token counts (one dummy forward per reduced plan), outside the timed region.
+    counts = {setting.plan: token_counts(model, setting.plan, extras) for setting in settings}
+    gmacs = {setting.plan: plan_gmacs(model, setting.plan, extras, counts[setting.plan]) for setting in settings}
 
     tracked = [s for s in settings if config.provenance and s.method != "none"]
     calls_per_round = len(settings) + len(tracked)

@@ -179,7 +179,9 @@ def _attention(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
         cls_attention = logits.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
     keys = k.mean(dim=1) if want_keys else None
     out = out.transpose(1, 2).reshape(batch, n, -1)
-    out = getattr(attn, "norm", torch.nn.Identity())(out)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
     gate = getattr(attn, "gate", None)
     if gate is not None:
         out = out * gate(x).sigmoid()
@@ -187,8 +189,11 @@ def _attention(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     return out, cls_attention, keys
 
 
+_IDENTITY = torch.nn.Identity()
+
+
 def _layer_scale(block: torch.nn.Module, name: str):
-    return getattr(block, name, None) or torch.nn.Identity()
+    return getattr(block, name, None) or _IDENTITY
 
 
 @torch.inference_mode()

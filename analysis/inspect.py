@@ -34,7 +34,7 @@ def inspect_batch(loaded: LoadedModel, images: list, plan: ReductionPlan, crop_p
     batch = preprocess(images, loaded.model, crop_pct)
     device_batch = batch.to(loaded.device)
     reduced = run(loaded.model, device_batch, plan, extras=loaded.extras, keep_block_outputs=True)
-    dense = reduced if plan.is_dense else run(loaded.model, device_batch, ReductionPlan(), keep_block_outputs=True)
+    dense = reduced if plan.is_dense else run(loaded.model, device_batch, ReductionPlan(), track=False)
     return Inspection(images=batch, reduced=reduced, dense=dense)
 
 

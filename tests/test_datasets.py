@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from analysis.datasets import DatasetError, make_loader, resolve_dataset
 from analysis.models import imagenet_wnids, make_transform

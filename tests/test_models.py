@@ -1,7 +1,6 @@
 """Images of every kind, checkpoints and weights errors (issue 2, points 3 and 10)."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest

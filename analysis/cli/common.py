@@ -19,13 +19,6 @@ def add_crop_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction (default: the model's timm data config; the papers use 0.875)")
 
 
-def parse_float(text: str, what: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise TokenscopeError(f"{what} must be a number, got {text!r}") from None
-
-
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
     """'4,7,10' -> (4, 7, 10); None stays None (the method's default)."""
     if text is None or text == "":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -234,9 +234,11 @@ def get_method(name: str) -> Method:
         raise KeyError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}") from None
 
 
-def batch_arange(batch: int, n: int, device: torch.device) -> torch.Tensor:
-    """[B, n] long: 0..n-1 in every row."""
-    return torch.arange(n, device=device).unsqueeze(0).expand(batch, n)
-
-
-Assigner = Callable[[ReduceContext], TokenAssignment | None]
+def complement(selected: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n - s] long: the non-cls token indices 1..n that are not in `selected` [B, s], ascending
+    (the pruned / inattentive tokens beside a selection)."""
+    batch = selected.shape[0]
+    chosen = torch.zeros(batch, n + 1, dtype=torch.bool, device=selected.device)
+    chosen[:, 0] = True
+    chosen.scatter_(1, selected, True)
+    return torch.sort(chosen.to(torch.uint8), dim=1, stable=True).indices[:, : n - selected.shape[1]]

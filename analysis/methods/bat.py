@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, kept_count, register
+from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, kept_count, complement, register
 from .evit import select_attentive
 
 RECONSTRUCTION = "Reconstruction choice (BAT released no code, methods.md §4): "
@@ -107,15 +107,6 @@ def combine_weight(ctx: ReduceContext, weighting: str) -> torch.Tensor:
     return sizes.clamp(min=1e-30)
 
 
-def _complement(selected: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n - s] long: the non-cls indices 1..n not in `selected` [B, s], ascending."""
-    batch = selected.shape[0]
-    chosen = torch.zeros(batch, n + 1, dtype=torch.bool, device=selected.device)
-    chosen[:, 0] = True
-    chosen.scatter_(1, selected, True)
-    return torch.sort(chosen.to(torch.uint8), dim=1, stable=True).indices[:, : n - selected.shape[1]]
-
-
 def bat_budget(n: int, keep_rate: float, beta: float) -> tuple[int, int, int]:
     """(K, c, r) of one BAT stage on n non-cls tokens (methods.md §4 step 2, a [choice]).
 
@@ -175,7 +166,7 @@ class BAT(Method):
         if k == n:
             return None
         attentive = select_attentive(attention, ctx.keep_rate)  # [B, K], descending attention
-        inattentive = _complement(attentive, n)  # [B, M]
+        inattentive = complement(attentive, n)  # [B, M]
 
         # Attentive branch: slots 1..K-r, a merged A token goes to its B partner's slot.
         removed = torch.zeros(batch, k, dtype=torch.bool, device=device)

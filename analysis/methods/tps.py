@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import WeightsError
-from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, kept_count, register
+from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, complement, register
 from .evit import select_attentive
 
 # nn.LayerNorm's default eps, which PredictorLG uses (the backbone's LayerNorms use 1e-6).
@@ -120,16 +120,6 @@ def squeeze_assignment(x: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor
     )
 
 
-def _complement(selected: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n - s] long: the non-cls token indices 1..n that are not in `selected` [B, s], ascending."""
-    batch = selected.shape[0]
-    chosen = torch.zeros(batch, n + 1, dtype=torch.bool, device=selected.device)
-    chosen[:, 0] = True
-    chosen.scatter_(1, selected, True)
-    order = torch.sort(chosen.to(torch.uint8), dim=1, stable=True).indices
-    return order[:, : n - selected.shape[1]]
-
-
 TAU = ParamSpec(
     "tau", 1.0, "float",
     "Temperature of the cosine similarity between pruned and kept tokens (TPS default 1); the host keeps logit 1.",
@@ -154,7 +144,7 @@ class ETPS(Method):
         kept = select_attentive(attention, ctx.keep_rate)
         if kept.shape[1] == n:
             return None
-        return squeeze_assignment(ctx.x, kept, _complement(kept, n), float(ctx.params["tau"]))
+        return squeeze_assignment(ctx.x, kept, complement(kept, n), float(ctx.params["tau"]))
 
 
 # ----------------------------------------------------------------------------------------------
