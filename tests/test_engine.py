@@ -49,6 +49,7 @@ def test_evit_token_counts(tiny, sample_batch, keep_rate, fuse):
 @pytest.mark.parametrize("fuse", [True, False])
 def test_provenance_invariants(tiny, sample_batch, fuse):
     result = run(tiny.model, sample_batch, ReductionPlan.make("evit", 0.5, fuse=fuse))
+    assert [stage.layer for stage in result.stages] == [4, 7, 10]
     previous = None
     for stage in result.stages:
         p2t = stage.patch_to_token

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from analysis.engine import ReductionPlan, run
+from analysis.methods import KINDS
 
 
 def reference_evit(model, image: torch.Tensor, keep_rate: float, layers=(4, 7, 10), fuse=True):
@@ -61,7 +62,7 @@ def test_evit_matches_reference(tiny, sample_batch, keep_rate, fuse):
             for stage, expected in zip(result.stages, kept_sets):
                 kinds = stage.token_kinds[index]
                 p2t = stage.patch_to_token[index]
-                kept_token = (kinds == 1)  # "kept"
+                kept_token = kinds == KINDS.index("kept")
                 held_by_kept = kept_token[p2t.clamp(min=0)] & (p2t >= 0)
                 assert sorted(held_by_kept.nonzero().flatten().tolist()) == expected
 
