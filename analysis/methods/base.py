@@ -62,20 +62,20 @@ def apply_assignment(assignment: TokenAssignment, x: torch.Tensor, sizes: torch.
     keep = assignment.dest >= 0
     dest = assignment.dest.clamp(min=0)
     weight = torch.where(keep, assignment.weight.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-    # Row-wise index_add_ over the flattened batch rather than scatter_add_ with an index expanded
-    # over channels: the same sums in the same order (bitwise equal on the CPU), but whole rows are
-    # added at once, about twice as fast on the CPU (analysis/bench.py measures the forward).
-    rows = (dest + torch.arange(batch, device=dest.device).unsqueeze(1) * assignment.n_out).reshape(-1)
-    out = x.new_zeros(batch * assignment.n_out, channels)
-    out.index_add_(0, rows, (x * weight.unsqueeze(-1)).reshape(-1, channels))
-    out = out.view(batch, assignment.n_out, channels)
-    sizes_out = sizes.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, torch.where(keep, sizes, torch.zeros_like(sizes)))
     if assignment.normalize:
+        # Normalise the [B, N] weights first, so the weighted mean costs no pass over [B, n_out, C].
         denominator = weight.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, weight)
-        out = out / denominator.clamp(min=torch.finfo(x.dtype).tiny).unsqueeze(-1)
         share = weight / denominator.gather(1, dest).clamp(min=torch.finfo(x.dtype).tiny)
     else:
         share = weight
+    # Row-wise index_add_ over the flattened batch rather than scatter_add_ with an index expanded
+    # over channels: whole rows are added at once, about twice as fast on the CPU
+    # (analysis/bench.py measures the forward).
+    rows = (dest + torch.arange(batch, device=dest.device).unsqueeze(1) * assignment.n_out).reshape(-1)
+    out = x.new_zeros(batch * assignment.n_out, channels)
+    out.index_add_(0, rows, (x * share.unsqueeze(-1)).reshape(-1, channels))
+    out = out.view(batch, assignment.n_out, channels)
+    sizes_out = sizes.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, torch.where(keep, sizes, torch.zeros_like(sizes)))
     return out, sizes_out, share
 
 
