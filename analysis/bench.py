@@ -38,6 +38,7 @@ from .methods import METHODS, get_method
 from .models import LoadedModel, TokenscopeError
 
 from .gmacs import plan_gmacs, token_counts
+from .lists import comma_list
 
 # The columns of results.csv, in order: the ones the issue names, then the spread and the context.
 CSV_COLUMNS: tuple[str, ...] = (
@@ -141,13 +142,8 @@ class BenchRow:
 
 
 def parse_list(text: str | Iterable, kind: type, what: str) -> list:
-    """'0.7,0.5' -> [0.7, 0.5] (any iterable passes through converted). Raises BenchError."""
-    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
-    parts = [p for p in parts if p != ""]
-    try:
-        values = [kind(p) for p in parts]
-    except (TypeError, ValueError):
-        raise BenchError(f"{what} must be a comma list of {'integers' if kind is int else 'numbers'}, got {text!r}") from None
+    """'0.7,0.5' -> [0.7, 0.5] (any iterable passes through converted). Raises BenchError, also for an empty list."""
+    values = comma_list(text, kind, what, BenchError)
     if not values:
         raise BenchError(f"{what} is empty")
     return values

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .methods import METHODS, KINDS, ReduceContext, apply_assignment, get_method
+from .lists import comma_list
 from .models import TokenscopeError
 
 
@@ -24,6 +25,16 @@ class PlanError(TokenscopeError):
 
 def _freeze(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+def parse_layers(text: str | None, what: str = "reduction layers") -> tuple[int, ...] | None:
+    """'4, 7, 10' -> (4, 7, 10), the 1-based reducing blocks as typed in the CLI or the app; None or
+    blank -> None (each method's default). Range and repeats are checked by `ReductionPlan.validate`.
+    Raises PlanError naming `what` for a part that is not an integer."""
+    if text is None:
+        return None
+    layers = comma_list(text, int, what, PlanError, "4,7,10", "block numbers")
+    return tuple(layers) or None
 
 
 @dataclass(frozen=True)

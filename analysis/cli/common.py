@@ -5,8 +5,9 @@ import argparse
 from typing import Any
 
 from ..engine import PlanError, ReductionPlan
+from ..engine import parse_layers as engine_parse_layers
 from ..methods import METHODS
-from ..models import DEFAULT_MODEL, TokenscopeError
+from ..models import DEFAULT_MODEL
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
@@ -20,13 +21,8 @@ def add_crop_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """'4,7,10' -> (4, 7, 10); None stays None (the method's default)."""
-    if text is None or text == "":
-        return None
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise TokenscopeError(f"--layers must be comma-separated 1-based block numbers such as 4,7,10, got {text!r}") from None
+    """--layers '4,7,10' -> (4, 7, 10); None or blank stays None (the method's default). Raises PlanError."""
+    return engine_parse_layers(text, "--layers")
 
 
 def _flag(name: str) -> str:

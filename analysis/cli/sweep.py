@@ -4,15 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..lists import comma_list
 from ..sweep import SweepConfig, SweepError, run_sweep
 from .common import add_crop_arg, add_model_args
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise SweepError(f"--keep-rates must be comma-separated numbers such as 1.0,0.9,0.7, got {text!r}") from None
 
 
 def add_parser(subparsers) -> None:
@@ -39,7 +33,8 @@ def add_parser(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     config = SweepConfig(
         data=args.data, labels=args.labels, model=args.model, weights=args.weights, device=args.device,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), keep_rates=_floats(args.keep_rates),
+        methods=tuple(comma_list(args.methods, str, "--methods")),
+        keep_rates=tuple(comma_list(args.keep_rates, float, "--keep-rates", SweepError, "1.0,0.9,0.7")),
         crop_pct=args.crop_pct, limit=args.limit, batch_size=args.batch_size, workers=args.workers, out=args.out,
         diversity_centre=args.diversity_centre, diversity_size_weighted=args.diversity_size_weighted,
         tome_schedule=args.tome_schedule, diversity_images=args.diversity_images,

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..lists import comma_list
+
 # Token kinds, as the CLI JSON spells them (methods.md §7). Stored as small integer codes.
 KINDS: tuple[str, ...] = ("cls", "kept", "fused", "host", "pair", "cluster", "merged")
 KIND_CODE: dict[str, int] = {name: code for code, name in enumerate(KINDS)}
@@ -115,14 +117,8 @@ class ParamSpec:
                 raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
             return value
         if self.kind == "int_list":
-            if isinstance(value, str):
-                parts = [p for p in value.replace(" ", "").split(",") if p]
-                try:
-                    items = tuple(int(p) for p in parts)
-                except ValueError:
-                    raise ValueError(f"{self.name} must be an integer or a comma list of integers, got {value!r}") from None
-            elif isinstance(value, (list, tuple)):
-                items = tuple(int(v) for v in value)
+            if isinstance(value, (str, list, tuple)):
+                items = tuple(comma_list(value, int, self.name, ValueError, "13 or 16,16,8"))
             else:
                 items = (int(value),)
             if not items:
