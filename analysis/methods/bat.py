@@ -19,6 +19,7 @@ import torch
 
 from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, kept_count, complement, register
 from .evit import select_attentive
+from .tome import bipartite_match
 
 RECONSTRUCTION = "Reconstruction choice (BAT released no code, methods.md §4): "
 # Shared by BAT and the diversity-only clustering: one spec, one CLI flag.
@@ -82,13 +83,9 @@ def bipartite_pairs(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.T
         (src [B, r] long, A tokens that merge, as positions in the sequence;
          dst [B, r] long, their partners, as positions in the sequence).
     """
-    metric = metric.float()
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    a, b = metric[:, 0::2], metric[:, 1::2]
-    r = max(0, min(int(r), a.shape[1]))
-    scores = a @ b.transpose(1, 2)
-    best, partner = scores.max(dim=-1)
-    order = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r]
+    order, partner = bipartite_match(metric)
+    r = max(0, min(int(r), order.shape[1]))
+    order = order[:, :r]
     src = order * 2
     dst = partner.gather(1, order) * 2 + 1
     return src, dst

@@ -42,6 +42,30 @@ def r_at_stage(r: int | Sequence[int], stage: int) -> int:
     return int(r)
 
 
+def bipartite_match(metric: torch.Tensor, protect_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scoring step of ToMe's bipartite soft matching (Bolya et al., ICLR 2023, §3; methods.md §6).
+
+    The sequence alternates into set A (even positions) and set B (odd positions); every A token
+    is scored by its best cosine similarity to a B token on the L2-normalised metric.
+
+    Args:
+        metric: [B, T, d] float, T >= 2, in the sequence's order.
+        protect_first: score position 0 (the class token) at -inf so it never merges.
+    Returns:
+        (order [B, ceil(T / 2)] long: A indices (into A, not the sequence) by descending best
+         score, ties by position, so `order[:, :r]` are the r A tokens that merge;
+         partner [B, ceil(T / 2)] long: every A token's best B index, into B).
+    """
+    metric = metric.float()
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)
+    if protect_first:
+        scores[:, 0, :] = -float("inf")
+    best, partner = scores.max(dim=-1)
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    return order, partner
+
+
 def tome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int) -> TokenAssignment | None:
     """ToMe's bipartite soft matching with a class token (methods.md §6).
 
@@ -63,14 +87,8 @@ def tome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int) -> TokenAss
     if r <= 0:
         return None
     device = keys.device
-    metric = keys.float()
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, 0::2], metric[:, 1::2]
-    n_a, n_b = a.shape[1], b.shape[1]
-    scores = a @ b.transpose(1, 2)
-    scores[:, 0, :] = -float("inf")
-    best, partner = scores.max(dim=-1)
-    order = best.argsort(dim=-1, descending=True)
+    order, partner = bipartite_match(keys, protect_first=True)
+    n_a, n_b = order.shape[1], n // 2
     src = order[:, :r]
     unmerged = order[:, r:].sort(dim=-1).values
     n_unmerged = n_a - r
