@@ -350,8 +350,6 @@ def run_sweep(
     if start_batch == 0:
         skipped = []  # the pass restarts at the first batch and records the skipped files again
 
-    gmacs = {s: plan_gmacs(model, s.plan, loaded.extras) for s in pending}
-    dense_gmacs = plan_gmacs(model, ReductionPlan())
     n_diversity = len(files) if config.diversity_images is None else min(len(files), max(0, config.diversity_images))
     diversity_indices = torch.from_numpy(np.unique(np.linspace(0, len(files) - 1, n_diversity).round().astype(np.int64))) \
         if n_diversity else torch.empty(0, dtype=torch.long)
@@ -414,6 +412,9 @@ def run_sweep(
         raise SweepError(f"none of the {len(files)} images in {root} could be read (e.g. {example}); check the folder")
 
     rows = [row for row in previous if row.get("key") not in {keys[s] for s in pending}]
+    # GMACs from the token counts the pass observed (a dummy forward only for a setting that never ran).
+    gmacs = {s: plan_gmacs(model, s.plan, loaded.extras, tallies[s].token_counts or None) for s in pending}
+    dense_gmacs = plan_gmacs(model, ReductionPlan())
     for setting in pending:
         tally = tallies[setting]
         seen = max(tally.seen, 1)
