@@ -15,6 +15,12 @@ calls (the least disturbed ones), and `speedup_cpu_time`, the ratio of the media
 the time threads spin while waiting for each other). `load_average` is the 1-minute load average
 after the batch size's timing: above the core count, other processes competed for the cores.
 
+With `bound`, each reduced setting also times its token-count twin (`engine.run_token_count_twin`):
+the same blocks at the same token counts, reached by cutting the sequence, with no scoring, no
+merging and no attention bias. `speedup_bound` (dense / twin) is the most any method with those
+counts could gain on this machine; `method_overhead_pct` (setting / twin - 1) is what the method's
+own work costs on top.
+
 On CUDA every timed call is bracketed by `torch.cuda.synchronize()`, so the time covers the kernels
 and not only their launch. `amp` runs the forward under `torch.autocast`: float16 on CUDA, bfloat16
 on the CPU (CPU autocast has no useful float16 path).
@@ -33,7 +39,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .engine import PlanError, ReductionPlan, run
+from .engine import PlanError, ReductionPlan, run, run_token_count_twin
 from .methods import METHODS, get_method
 from .models import LoadedModel, TokenscopeError
 
@@ -48,6 +54,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "images_per_s_q1", "images_per_s_q3", "gmacs_ratio", "token_counts",
     "speedup_min", "cpu_time_ms", "speedup_cpu_time", "load_average",
     "threads", "repeats", "warmup", "weights", "provenance_overhead_pct", "allocator",
+    "bound_latency_ms", "speedup_bound", "method_overhead_pct",
 )
 
 
@@ -111,6 +118,9 @@ class BenchRow:
     load_average: float | None = None
     provenance_overhead_pct: float | None = None
     allocator: str = "system"
+    bound_latency_ms: float | None = None
+    speedup_bound: float | None = None
+    method_overhead_pct: float | None = None
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
     def csv_record(self) -> dict[str, Any]:
@@ -138,6 +148,9 @@ class BenchRow:
             line += f" | load {self.load_average:.1f}"
         if self.provenance_overhead_pct is not None:
             line += f" | provenance {self.provenance_overhead_pct:+.1f}%"
+        if self.speedup_bound is not None:
+            line += (f" | token-count bound {self.bound_latency_ms:.1f} ms = {self.speedup_bound:.2f}x, "
+                     f"method overhead {self.method_overhead_pct:+.1f}%")
         return line
 
 
@@ -263,6 +276,9 @@ class BenchConfig:
         provenance: also time each reduced setting with `track=True` and report the overhead.
         allocator: "system" (the C library's default) or "steady" (glibc only, see
             `use_steady_allocator`; changes the whole process for good, so the app never uses it).
+        bound: also time each reduced setting's token-count twin (`engine.run_token_count_twin`:
+            the same token counts by plain truncation, no method work) and report the speedup
+            that the counts alone allow and the method's own overhead.
     """
 
     batch_sizes: tuple[int, ...] = (32,)
@@ -273,6 +289,7 @@ class BenchConfig:
     seed: int = 0
     provenance: bool = False
     allocator: str = "system"
+    bound: bool = False
 
     def validate(self) -> None:
         if self.allocator not in ALLOCATORS:
@@ -330,43 +347,48 @@ def run_benchmark(
     counts = {setting.plan: token_counts(model, setting.plan, extras) for setting in settings}
     gmacs = {setting.plan: plan_gmacs(model, setting.plan, extras, counts[setting.plan]) for setting in settings}
 
-    tracked = [s for s in settings if config.provenance and s.method != "none"]
-    calls_per_round = len(settings) + len(tracked)
-    total = len(config.batch_sizes) * calls_per_round * (config.warmup + config.repeats)
+    reduced = [s for s in settings if s.method != "none"]
+    modes = ["plain"] + (["provenance"] if config.provenance else []) + (["twin"] if config.bound else [])
+    jobs = [(s, "plain") for s in settings] + [(s, mode) for mode in modes[1:] for s in reduced]
+    total = len(config.batch_sizes) * len(jobs) * (config.warmup + config.repeats)
     done = 0
     rows: list[BenchRow] = []
+    suffix = {"plain": "", "provenance": " (provenance on)", "twin": " (token-count twin)"}
     for batch_size in config.batch_sizes:
         images = random_images(model, int(batch_size), device, config.seed)
-        jobs = [(s, False) for s in settings] + [(s, True) for s in tracked]
-        samples: dict[tuple[BenchSetting, bool], list[float]] = {job: [] for job in jobs}
-        cpu_samples: dict[tuple[BenchSetting, bool], list[float]] = {job: [] for job in jobs}
+        samples: dict[tuple[BenchSetting, str], list[float]] = {job: [] for job in jobs}
+        cpu_samples: dict[tuple[BenchSetting, str], list[float]] = {job: [] for job in jobs}
 
-        def call(setting: BenchSetting, track: bool):
-            return lambda: run(model, images, setting.plan, extras=extras, track=track)
+        def call(setting: BenchSetting, mode: str):
+            if mode == "twin":
+                acts = get_method(setting.method).acts
+                return lambda: run_token_count_twin(model, images, counts[setting.plan], acts)
+            return lambda: run(model, images, setting.plan, extras=extras, track=mode == "provenance")
 
         with torch.inference_mode(), _autocast(device, config.amp):
             for phase, count in (("warm-up", config.warmup), ("timing", config.repeats)):
                 for round_index in range(count):
-                    for setting, track in jobs:
-                        seconds, cpu_seconds = _timed_call(call(setting, track), device)
+                    for setting, mode in jobs:
+                        seconds, cpu_seconds = _timed_call(call(setting, mode), device)
                         if phase == "timing":
-                            samples[(setting, track)].append(seconds)
-                            cpu_samples[(setting, track)].append(cpu_seconds)
+                            samples[(setting, mode)].append(seconds)
+                            cpu_samples[(setting, mode)].append(cpu_seconds)
                         done += 1
                         if progress is not None:
-                            progress(done / total, f"batch {batch_size}: {phase} {round_index + 1}/{count}, {setting.label}"
-                                     + (" (provenance on)" if track else ""))
+                            progress(done / total, f"batch {batch_size}: {phase} {round_index + 1}/{count}, {setting.label}{suffix[mode]}")
         load = _load_average()
-        dense_median = statistics.median(samples[(settings[0], False)])
-        dense_min = min(samples[(settings[0], False)])
-        dense_cpu = statistics.median(cpu_samples[(settings[0], False)])
+        dense_median = statistics.median(samples[(settings[0], "plain")])
+        dense_min = min(samples[(settings[0], "plain")])
+        dense_cpu = statistics.median(cpu_samples[(settings[0], "plain")])
         for setting in settings:
-            times = samples[(setting, False)]
+            times = samples[(setting, "plain")]
             median = statistics.median(times)
             q1, q3 = _quantile(times, 0.25), _quantile(times, 0.75)
-            overhead = None
-            if (setting, True) in samples:
-                overhead = 100.0 * (statistics.median(samples[(setting, True)]) / median - 1.0)
+            overhead = bound = None
+            if (setting, "provenance") in samples:
+                overhead = 100.0 * (statistics.median(samples[(setting, "provenance")]) / median - 1.0)
+            if (setting, "twin") in samples:
+                bound = statistics.median(samples[(setting, "twin")])
             rows.append(BenchRow(
                 model=loaded.name, method=setting.method, keep_rate=setting.keep_rate, r=setting.r,
                 batch_size=int(batch_size), dtype=dtype, device=device,
@@ -379,8 +401,11 @@ def run_benchmark(
                 token_counts=" ".join(map(str, counts[setting.plan])),
                 threads=threads, repeats=config.repeats, warmup=config.warmup, weights=loaded.weights_label,
                 speedup_min=dense_min / min(times),
-                cpu_time_ms=1e3 * statistics.median(cpu_samples[(setting, False)]),
-                speedup_cpu_time=dense_cpu / statistics.median(cpu_samples[(setting, False)]),
+                cpu_time_ms=1e3 * statistics.median(cpu_samples[(setting, "plain")]),
+                speedup_cpu_time=dense_cpu / statistics.median(cpu_samples[(setting, "plain")]),
+                bound_latency_ms=None if bound is None else 1e3 * bound,
+                speedup_bound=None if bound is None else dense_median / bound,
+                method_overhead_pct=None if bound is None else 100.0 * (median / bound - 1.0),
                 provenance_overhead_pct=overhead, load_average=load, allocator=config.allocator, samples_ms=[1e3 * t for t in times],
             ))
     return rows

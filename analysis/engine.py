@@ -309,3 +309,43 @@ def run(
     x = model.norm(x)
     logits = model.forward_head(x)
     return Result(logits=logits.float(), token_counts=counts, stages=stages, plan=plan, block_outputs=outputs, block_sizes=block_sizes)
+
+
+@torch.inference_mode()
+def run_token_count_twin(model: torch.nn.Module, images: torch.Tensor, counts: list[int], acts: str = "inside") -> torch.Tensor:
+    """The model's blocks with the sequence simply cut to `counts`, as a timing reference.
+
+    A reduction method's forward costs (a) the blocks at its token counts and (b) its own work:
+    scoring, selecting, merging, proportional attention. This twin does only (a): where a count
+    drops, it keeps the first tokens and drops the rest (no scores, no merges, no attention bias).
+    Its time is the fastest any method with these token counts can run on this engine, so
+    `method time / twin time - 1` is the method's own overhead (analysis/bench.py, `--bound`).
+    The logits are meaningless for a reduced count (which tokens survive is arbitrary); with no
+    cut they equal the dense model's.
+
+    Args:
+        model: a timm VisionTransformer with one class token (not modified).
+        images: [B, 3, H, W] normalised input on the model's device.
+        counts: tokens (cls included) leaving each block, e.g. `Result.token_counts`; one per block.
+        acts: "inside" (cut after the attention residual, as EViT / ToMe / TPS / BAT do) or
+            "before" (cut the block input, as DynamicViT / dTPS do).
+    Returns:
+        [B, classes] float32 logits.
+    Raises:
+        PlanError: `counts` has the wrong length or a count grows.
+    """
+    depth = len(model.blocks)
+    if len(counts) != depth:
+        raise PlanError(f"the twin needs one token count per block ({depth}), got {len(counts)}")
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    for block, count in zip(model.blocks, counts):
+        if count > x.shape[1]:
+            raise PlanError(f"token counts must not grow: {count} after {x.shape[1]}")
+        if acts == "before" and count < x.shape[1]:
+            x = x[:, :count].contiguous()
+        attn_out, _, _ = _attention(block, block.norm1(x), None, want_cls=False, want_keys=False)
+        x = x + block.drop_path1(_layer_scale(block, "ls1")(attn_out))
+        if acts != "before" and count < x.shape[1]:
+            x = x[:, :count].contiguous()
+        x = x + block.drop_path2(_layer_scale(block, "ls2")(block.mlp(block.norm2(x))))
+    return model.forward_head(model.norm(x)).float()

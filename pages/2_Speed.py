@@ -22,6 +22,9 @@ TABLE_COLUMNS = ["method", "keep_rate", "r", "batch_size", "dtype", "device", "t
                  "latency_ms", "latency_ms_q1", "latency_ms_q3", "gmacs", "gmacs_ratio", "speedup_vs_dense"]
 
 
+BOUND_COLUMNS = ["speedup_bound", "method_overhead_pct"]
+
+
 def _label(name: str) -> str:
     return METHODS[name].label if name in METHODS else name
 
@@ -42,7 +45,18 @@ def speedup_figure(frame: pd.DataFrame) -> go.Figure:
             error_y={"type": "data", "array": upper.clip(lower=0), "arrayminus": lower.clip(lower=0)},
             hovertemplate="%{text}<br>GMACs ratio %{x:.2f}x<br>speedup %{y:.2f}x<extra>%{fullData.name}</extra>",
         ))
-    top = max(2.0, float(reduced["gmacs_ratio"].max() if len(reduced) else 1.0), float(reduced["speedup_vs_dense"].max() if len(reduced) else 1.0)) * 1.05
+    bound = reduced[reduced["speedup_bound"].notna()]
+    if len(bound):
+        figure.add_trace(go.Scatter(
+            x=bound["gmacs_ratio"], y=bound["speedup_bound"], mode="markers",
+            name="token-count bound (same counts, no method work)", marker={"size": 13, "symbol": "circle-open", "color": "black"},
+            text=[f"{_label(m)}, batch {b}" for m, b in zip(bound["method"], bound["batch_size"])],
+            hovertemplate="%{text}<br>GMACs ratio %{x:.2f}x<br>bound %{y:.2f}x<extra>token-count bound</extra>",
+        ))
+    highest = [float(reduced["gmacs_ratio"].max()), float(reduced["speedup_vs_dense"].max())] if len(reduced) else [1.0]
+    if len(bound):
+        highest.append(float(bound["speedup_bound"].max()))
+    top = max(2.0, *highest) * 1.05
     figure.add_trace(go.Scatter(x=[1.0, top], y=[1.0, top], mode="lines", name="speedup = GMACs ratio",
                                 line={"dash": "dot", "color": "grey"}))
     figure.update_layout(xaxis_title="GMACs ratio (dense / reduced)", yaxis_title="measured speedup over dense (median)",
@@ -72,6 +86,9 @@ def main() -> None:
     r_value = left.number_input("ToMe r (tokens merged per block)", min_value=0, max_value=98, value=13, step=1, key="speed_r")
     batch_sizes = middle.multiselect("Batch sizes", BATCH_SIZES, default=[32], key="speed_batch_sizes")
     amp = middle.checkbox("Autocast (float16 on CUDA, bfloat16 on CPU)", key="speed_amp")
+    bound = middle.checkbox("Also time each setting's token-count twin (the method's own overhead)", key="speed_bound",
+                            help="The same blocks at the same token counts, reached by cutting the sequence: no scoring, "
+                                 "no merging. Its speedup is the most any method with these counts can gain here.")
     warmup = right.number_input("Warm-up calls per setting", min_value=0, max_value=20, value=2, key="speed_warmup")
     repeats = right.number_input("Timed repeats per setting", min_value=1, max_value=200, value=10, key="speed_repeats")
     st.caption(f"Runs on {loaded.device}, {dtype_label(loaded.device, amp)}, {torch.get_num_threads()} threads. "
@@ -84,7 +101,8 @@ def main() -> None:
             if any(METHODS[m].uses_keep_rate for m in methods) and not keep_rates:
                 raise TokenscopeError("choose at least one keep rate for the keep-rate methods")
             settings = make_settings(methods, keep_rates, [int(r_value)])
-            config = BenchConfig(batch_sizes=tuple(sorted(batch_sizes)), warmup=int(warmup), repeats=int(repeats), amp=amp)
+            config = BenchConfig(batch_sizes=tuple(sorted(batch_sizes)), warmup=int(warmup), repeats=int(repeats), amp=amp,
+                                 bound=bound)
             bar = st.progress(0.0, text="starting")
             rows = run_benchmark(loaded, settings, config, progress=lambda fraction, text: bar.progress(min(1.0, fraction), text=text))
             bar.progress(1.0, text="done")
@@ -99,11 +117,13 @@ def main() -> None:
         return
     name, weights, records, note = result
     frame = pd.DataFrame(records, columns=list(CSV_COLUMNS))
-    frame["r"] = pd.to_numeric(frame["r"], errors="coerce")
+    for column in ["r", "bound_latency_ms", *BOUND_COLUMNS]:  # "" (not measured) becomes NaN
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
     st.subheader(f"{name} · weights: {weights}")
     if note:
         st.warning(note[0].upper() + note[1:] + ".")
-    st.dataframe(frame[TABLE_COLUMNS], hide_index=True, use_container_width=True)
+    columns = TABLE_COLUMNS + (BOUND_COLUMNS if frame["speedup_bound"].notna().any() else [])
+    st.dataframe(frame[columns], hide_index=True, use_container_width=True)
     st.plotly_chart(speedup_figure(frame), use_container_width=True)
     st.download_button("Download results.csv", frame.to_csv(index=False).encode(), file_name="results.csv", mime="text/csv")
 

@@ -192,3 +192,56 @@ def test_steady_allocator_removes_page_faults_in_a_subprocess():
     line = [row for row in done.stdout.splitlines() if row.startswith("FAULTS")][-1]
     system, steady = map(int, line.split()[1:])
     assert steady < 1000 and steady < system / 5, (system, steady, done.stdout[-500:])
+
+
+def test_token_count_twin_without_cuts_is_the_dense_model(tiny, sample_batch, dense_result):
+    """With every count at 197 the twin runs exactly the dense blocks (real weights, real photos)."""
+    from analysis.engine import run_token_count_twin
+
+    logits = run_token_count_twin(tiny.model, sample_batch, [197] * 12)
+    assert torch.equal(logits, dense_result.logits)
+
+
+def test_token_count_twin_follows_the_counts_where_the_method_cuts(tiny, sample_batch, monkeypatch):
+    """The twin's blocks see the method's token counts: inside-acting methods cut after the
+    attention of the reducing block (its MLP already runs short), before-acting ones cut its input."""
+    import analysis.engine as engine
+
+    seen: list[int] = []
+    original = engine._attention
+
+    def spy(block, x, *args, **kwargs):
+        seen.append(x.shape[1])
+        return original(block, x, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_attention", spy)
+    evit = run(tiny.model, sample_batch, ReductionPlan.make("evit", 0.7), track=False)
+    evit_attention = list(seen)
+    seen.clear()
+    engine.run_token_count_twin(tiny.model, sample_batch, evit.token_counts, "inside")
+    assert seen == evit_attention == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 2
+    seen.clear()
+    engine.run_token_count_twin(tiny.model, sample_batch, evit.token_counts, "before")
+    assert seen == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3
+    with pytest.raises(engine.PlanError, match="one token count per block"):
+        engine.run_token_count_twin(tiny.model, sample_batch, [197] * 11)
+    with pytest.raises(engine.PlanError, match="must not grow"):
+        engine.run_token_count_twin(tiny.model, sample_batch, [100] + [150] * 11)
+
+
+def test_bound_adds_the_twin_columns(tiny, capsys, tmp_path):
+    """`--bound` fills speedup_bound and method_overhead_pct for reduced rows, consistently with
+    the latencies, and leaves them empty for the dense row."""
+    code = cli_main(["bench", "--model", TINY, "--weights", "pretrained", "--device", "cpu", "--methods", "none,tome",
+                     "--r", "13", "--batch-sizes", "2", "--warmup", "0", "--repeats", "2", "--bound", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "token-count bound" in out and "method overhead" in out
+    with (tmp_path / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    dense, tome = rows
+    assert dense["speedup_bound"] == dense["method_overhead_pct"] == dense["bound_latency_ms"] == ""
+    bound = float(tome["bound_latency_ms"])
+    assert bound > 0
+    assert math.isclose(float(tome["speedup_bound"]), float(dense["latency_ms"]) / bound, rel_tol=1e-3)
+    assert math.isclose(float(tome["method_overhead_pct"]), 100 * (float(tome["latency_ms"]) / bound - 1), rel_tol=1e-3, abs_tol=0.01)

@@ -31,6 +31,25 @@ def test_speed_page_runs_a_tiny_benchmark():
     assert (frame["images_per_s"] > 0).all() and (frame["device"] == "cpu").all()
     assert frame["gmacs_ratio"].iloc[1] > 1.4  # EViT 0.7 on DeiT-T: 1.3 / 0.8 GMACs
     assert len(at.get("plotly_chart")) == 1
+    assert "speedup_bound" not in frame.columns
+
+
+def test_speed_page_shows_the_token_count_bound():
+    at = _page()
+    at.multiselect(key="speed_methods").set_value(["tome"])
+    at.multiselect(key="speed_batch_sizes").set_value([1])
+    at.number_input(key="speed_warmup").set_value(0)
+    at.number_input(key="speed_repeats").set_value(1)
+    at.checkbox(key="speed_bound").check()
+    at.run()
+    at.button(key="speed_run").click()
+    at.run()
+    assert not at.exception, at.exception
+    frame = at.dataframe[0].value
+    assert list(frame["method"]) == ["none", "tome"]
+    assert frame["speedup_bound"].isna().iloc[0] and frame["speedup_bound"].iloc[1] > 0
+    figure = at.get("plotly_chart")[0].proto.spec
+    assert "token-count bound" in figure
 
 
 def test_speed_page_bad_settings_show_an_error():

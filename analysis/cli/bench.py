@@ -25,6 +25,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per setting and batch size, interleaved (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
     parser.add_argument("--provenance", action="store_true", help="also time each reduced setting with provenance tracking on and print its overhead")
+    parser.add_argument("--bound", action="store_true",
+                        help="also time each reduced setting's token-count twin (the same token counts by plain truncation, no method "
+                             "work) and print the speedup the counts alone allow and the method's own overhead")
     parser.add_argument("--allocator", default="system", choices=("system", "steady"),
                         help="system: the C library's malloc as is; steady: glibc keeps freed memory (no mmap, no trim), so forwards "
                              "take no page faults and results do not depend on the order of runs (see analysis/bench.py)")
@@ -38,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
                              parse_list(args.r, int, "--r"))
     config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "--batch-sizes")), warmup=args.warmup,
                          repeats=args.repeats, amp=args.amp, threads=args.threads, seed=args.seed, provenance=args.provenance,
-                         allocator=args.allocator)
+                         allocator=args.allocator, bound=args.bound)
     config.validate()
     loaded = load_model(args.model, args.weights, args.device)
     print(f"# {loaded.name}, weights {loaded.weights_label}, device {loaded.device}; "
