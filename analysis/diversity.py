@@ -146,18 +146,57 @@ def diversity_score(
     return float(score[0]) if single else score.cpu()
 
 
+def diversity_of_blocks(
+    block_outputs: list[torch.Tensor],
+    block_sizes: list[torch.Tensor] | None = None,
+    centre: str = "medoid",
+    size_weighted: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, per-token) r(Z) (methods.md §5; BAT, Long et al., CVPR 2023) of every block's output,
+    from lists of block tensors rather than an engine `Result`.
+
+    Each block's cls token (index 0) is left out; per-token values divide the raw ones by the number
+    of non-cls tokens, or by their total size when `size_weighted`.
+
+    Args:
+        block_outputs: per block, the [B, N_i, C] tokens leaving it, cls token at index 0 (any
+            float dtype and device; computed in float64).
+        block_sizes: per block, the [B, N_i] patches held by each token (cls included); needed
+            only when `size_weighted`.
+        centre: "medoid" or "median", as `diversity_score`.
+        size_weighted: weight the tokens by `block_sizes`.
+    Returns:
+        (raw, per_token), each a [B, depth] float64 numpy array.
+    Raises:
+        ValueError: no blocks, `size_weighted` without one sizes tensor per block, an unknown
+            centre or mismatched shapes.
+    """
+    if not block_outputs:
+        raise ValueError("no block outputs given")
+    if size_weighted and (block_sizes is None or len(block_sizes) != len(block_outputs)):
+        raise ValueError("size_weighted needs one sizes tensor per block output")
+    columns, totals = [], []
+    for index, output in enumerate(block_outputs):
+        sizes = block_sizes[index][:, 1:] if size_weighted else None
+        columns.append(diversity_score(output[:, 1:], centre=centre, per_token=False, sizes=sizes).numpy())
+        if size_weighted:
+            totals.append(sizes.double().sum(1).cpu().numpy())
+        else:
+            totals.append(np.full(output.shape[0], output.shape[1] - 1, dtype=np.float64))
+    raw = np.stack(columns, axis=1)
+    return raw, raw / np.maximum(np.stack(totals, axis=1), np.finfo(np.float64).tiny)
+
+
 def diversity_per_block_both(result: Any, centre: str = "medoid", size_weighted: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(raw, per-token) r(Z) of every block's output, [B, depth] each, from one computation.
+    """(raw, per-token) r(Z) of every block's output, [B, depth] each, from one computation
+    (`diversity_of_blocks` on `result.block_outputs` and `result.block_sizes`).
 
     The per-token value divides by the number of non-cls tokens (or their total size when
     `size_weighted`). Raises ValueError when the result kept no block outputs.
     """
-    raw = diversity_per_block(result, centre, False, size_weighted)
-    if size_weighted:
-        totals = [sizes[:, 1:].double().sum(1).cpu().numpy() for sizes in result.block_sizes]
-    else:
-        totals = [np.full(raw.shape[0], output.shape[1] - 1, dtype=np.float64) for output in result.block_outputs]
-    return raw, raw / np.maximum(np.stack(totals, axis=1), np.finfo(np.float64).tiny)
+    if result.block_outputs is None:
+        raise ValueError("the result has no block outputs: run the engine with keep_block_outputs=True")
+    return diversity_of_blocks(result.block_outputs, result.block_sizes, centre, size_weighted)
 
 
 def diversity_per_block(result: Any, centre: str = "medoid", per_token: bool = False, size_weighted: bool = False) -> np.ndarray:

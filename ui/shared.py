@@ -6,7 +6,7 @@ modified: reduction settings travel in the `ReductionPlan` passed to each forwar
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,9 @@ def weights_badge(loaded: LoadedModel) -> str:
 
 
 # --- one image through one plan, cached (the main page's per-image results) ----------------------
+DiversityKey = tuple[str, bool, bool]
+
+
 @dataclass
 class ImageAnalysis:
     """One image through one ReductionPlan, reduced to what a page draws (numpy and plain values).
@@ -129,9 +132,13 @@ class ImageAnalysis:
         stages: one `viz.overlays.StageRecord` per reduction stage (provenance, methods.md §7).
         top5: the 5 most probable ImageNet classes as {index, label, prob}.
         gmacs: `analysis.gmacs.gmacs_report` of the plan with the actual token counts.
-        diversity: r(Z) of each block's output (methods.md §5) for every option the page offers:
-            `diversity[(centre, size_weighted, per_token)]` is a [depth] float64 array, with centre
-            "medoid" (BAT's definition) or "median" (free centre).
+        block_outputs: per block, the [N_i, C] float32 tokens leaving it, cls token at index 0
+            (what `diversity_values` computes r(Z) from).
+        block_sizes: per block, the [N_i] patches held by each token (cls included).
+
+    The diversity r(Z) is not part of the cached analysis: `diversity_values` computes it on
+    demand for the one option combination a page asks for and memoises it in this object
+    (`_diversity`, left out of comparisons and repr).
     """
 
     plan: Any
@@ -139,11 +146,53 @@ class ImageAnalysis:
     stages: list[Any]
     top5: list[dict[str, Any]]
     gmacs: dict[str, float]
-    diversity: dict[tuple[str, bool, bool], np.ndarray]
+    block_outputs: list[np.ndarray]
+    block_sizes: list[np.ndarray]
+    _diversity: dict[DiversityKey, np.ndarray] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    @classmethod
+    def from_result(cls, result: Any, plan: Any, gmacs: dict[str, float]) -> "ImageAnalysis":
+        """The analysis of image 0 of an `analysis.engine.Result` run with keep_block_outputs=True."""
+        from analysis.inspect import top_k
+        from viz.overlays import StageRecord
+
+        if result.block_outputs is None:
+            raise ValueError("the result has no block outputs: run the engine with keep_block_outputs=True")
+        return cls(
+            plan=plan,
+            token_counts=list(result.token_counts),
+            stages=[StageRecord.from_stage(stage, 0) for stage in result.stages],
+            top5=top_k(result.logits, 5)[0],
+            gmacs=gmacs,
+            block_outputs=[output[0].detach().float().cpu().numpy() for output in result.block_outputs],
+            block_sizes=[sizes[0].detach().cpu().numpy() for sizes in result.block_sizes],
+        )
 
     def diversity_values(self, centre: str = "medoid", size_weighted: bool = False, per_token: bool = True) -> np.ndarray:
-        """[depth] r(Z) per block for one choice of the diversity options."""
-        return self.diversity[(centre, bool(size_weighted), bool(per_token))]
+        """[depth] float64 r(Z) of each block's output (methods.md §5) for one choice of options.
+
+        Args:
+            centre: "medoid" (one of the tokens, BAT's definition) or "median" (free centre).
+            size_weighted: a token counts once per patch it holds.
+            per_token: divide by the number of non-cls tokens (or their total size when weighted).
+        Returns:
+            a read-only [depth] float64 array, computed by `analysis.diversity.diversity_of_blocks`
+            on the first call for (centre, size_weighted) and memoised (raw and per-token together);
+            later calls return the same array.
+        Raises:
+            ValueError: an unknown centre.
+        """
+        key = (centre, bool(size_weighted), bool(per_token))
+        if key not in self._diversity:
+            from analysis.diversity import diversity_of_blocks
+
+            outputs = [torch.from_numpy(output).unsqueeze(0) for output in self.block_outputs]
+            sizes = [torch.from_numpy(size).unsqueeze(0) for size in self.block_sizes]
+            raw, per = diversity_of_blocks(outputs, sizes, centre, bool(size_weighted))
+            for flag, values in ((False, raw[0]), (True, per[0])):
+                values.flags.writeable = False
+                self._diversity[(centre, bool(size_weighted), flag)] = values
+        return self._diversity[key]
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -159,28 +208,16 @@ def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_
     """Run `plan` (an `analysis.engine.ReductionPlan`) on one PIL image, cached by (image bytes
     hash `digest`, model, weights, device, plan, crop).
 
+    The analysis keeps the image's block outputs and sizes; the diversity r(Z) is computed only
+    when a page asks for it (`ImageAnalysis.diversity_values`), for the options it asks for.
+
     Raises PlanError / TokenscopeError when the plan cannot run on this model.
     """
-    from analysis.diversity import diversity_per_block_both
     from analysis.engine import run
     from analysis.gmacs import gmacs_report
-    from analysis.inspect import top_k
-    from viz.overlays import StageRecord
 
     loaded = cached_model(name, weights, device)
     batch = preprocess([_image], loaded.model, crop_pct).to(loaded.device)
     result = run(loaded.model, batch, plan, extras=loaded.extras, keep_block_outputs=True)
-    diversity = {}
-    for centre in ("medoid", "median"):
-        for size_weighted in (False, True):
-            raw, per_token = diversity_per_block_both(result, centre, size_weighted)
-            diversity[(centre, size_weighted, False)] = raw[0]
-            diversity[(centre, size_weighted, True)] = per_token[0]
-    return ImageAnalysis(
-        plan=plan,
-        token_counts=list(result.token_counts),
-        stages=[StageRecord.from_stage(stage, 0) for stage in result.stages],
-        top5=top_k(result.logits, 5)[0],
-        gmacs=gmacs_report(loaded.model, plan, loaded.extras, list(result.token_counts)),
-        diversity=diversity,
-    )
+    gmacs = gmacs_report(loaded.model, plan, loaded.extras, list(result.token_counts))
+    return ImageAnalysis.from_result(result, plan, gmacs)
