@@ -30,6 +30,7 @@ from analysis.models import (
 )
 from ui.shared import ImageAnalysis as Analysis
 from ui.shared import analyse_image as analyse
+from ui.shared import image_diversity
 from ui.shared import model_crop, model_sidebar, weights_badge
 from viz.charts import diversity_chart
 from viz.interactive import dispatch_figure, html_bytes
@@ -295,7 +296,8 @@ def summary_table(analyses: dict[str, Analysis], dense: Analysis) -> pd.DataFram
     }, index=list(rows))
 
 
-def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: LoadedModel) -> None:
+def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: LoadedModel, digest: str,
+                      crop_pct: float | None, image: Image.Image) -> None:
     """Diversity r(Z) of every block's output (methods.md §5), one line per method (viz.charts),
     with the options of §5: medoid (BAT's definition) or median centre, per-token normalisation
     (so methods with different token counts compare) and size weighting."""
@@ -307,9 +309,13 @@ def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: Lo
     per_token = middle.checkbox("Per token (divide by the token count)", value=True, key="diversity_per_token",
                                 help="Methods keep different numbers of tokens; per token they compare.")
     size_weighted = right.checkbox("Size-weighted (a token counts once per patch it holds)", key="diversity_size_weighted")
-    options = dict(centre=centre, size_weighted=size_weighted, per_token=per_token)
-    series = [{"method": "none", "label": "dense", "values": dense.diversity_values(**options).tolist(), "reducing_layers": []}]
-    series += [{"method": name, "label": get_method(name).label, "values": a.diversity_values(**options).tolist(),
+
+    def values(analysis: Analysis) -> list[float]:  # cached per options across reruns (ui.shared)
+        return image_diversity(digest, loaded.name, loaded.weights, loaded.device, analysis.plan, crop_pct,
+                               centre, size_weighted, per_token, image).tolist()
+
+    series = [{"method": "none", "label": "dense", "values": values(dense), "reducing_layers": []}]
+    series += [{"method": name, "label": get_method(name).label, "values": values(a),
                 "reducing_layers": list(a.plan.reducing_layers(depth))} for name, a in analyses.items()]
     title = "Token diversity r(Z) per block, this image" + (" (random weights)" if loaded.is_random else "")
     figure = diversity_chart(series, title=title, per_token=per_token)
@@ -381,7 +387,7 @@ def main() -> None:
         for tab, (method, analysis) in zip(tabs, analyses.items()):
             with tab:
                 method_tab(method, analysis, dense, crop, loaded, slug)
-        diversity_section(analyses, dense, loaded)
+        diversity_section(analyses, dense, loaded, digest, settings.crop_pct, image)
     else:
         st.info("Choose one or more methods in the sidebar to see their pictures.")
     try:

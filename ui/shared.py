@@ -203,7 +203,9 @@ def model_crop(digest: str, name: str, weights: str, device: str, crop_pct: floa
     return crop_only_transform(loaded.model, crop_pct)(_image).convert("RGB")
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+# 24 entries: four full main-page views (dense + 5 methods); each holds its block outputs
+# (DeiT-S about 3.6 MB, DeiT-B 7 MB), so the cache stays under about 200 MB on a shared server.
+@st.cache_data(show_spinner=False, max_entries=24)
 def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_pct: float | None, _image) -> ImageAnalysis:
     """Run `plan` (an `analysis.engine.ReductionPlan`) on one PIL image, cached by (image bytes
     hash `digest`, model, weights, device, plan, crop).
@@ -221,3 +223,16 @@ def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_
     result = run(loaded.model, batch, plan, extras=loaded.extras, keep_block_outputs=True)
     gmacs = gmacs_report(loaded.model, plan, loaded.extras, list(result.token_counts))
     return ImageAnalysis.from_result(result, plan, gmacs)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def image_diversity(digest: str, name: str, weights: str, device: str, plan, crop_pct: float | None,
+                    centre: str, size_weighted: bool, per_token: bool, _image) -> np.ndarray:
+    """[depth] r(Z) per block (methods.md §5) of `plan` on one image for one choice of the options,
+    cached across reruns by the same key as `analyse_image` plus the options (a few bytes each),
+    so redrawing the chart after an unrelated widget change computes nothing.
+
+    Raises ValueError for an unknown centre, PlanError / TokenscopeError as `analyse_image`.
+    """
+    analysis = analyse_image(digest, name, weights, device, plan, crop_pct, _image)
+    return analysis.diversity_values(centre, size_weighted, per_token)
