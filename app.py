@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from analysis.engine import PlanError, ReductionPlan
+from analysis.engine import PlanError, ReductionPlan, parse_layers
 from analysis.methods import METHODS, ParamSpec, get_method
 from analysis.methods.tome import matched_r_schedule
 from analysis.models import (
@@ -75,17 +75,6 @@ class Settings:
     layers: tuple[int, ...] | None
     crop_pct: float | None
     params: dict[str, dict[str, Any]]
-
-
-def parse_layers(text: str) -> tuple[int, ...] | None:
-    """'4, 7, 10' -> (4, 7, 10); empty -> None (each method's default). Raises PlanError."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not parts:
-        return None
-    try:
-        return tuple(int(part) for part in parts)
-    except ValueError:
-        raise PlanError(f"reduction layers must be comma-separated block numbers such as 4,7,10, got {text!r}") from None
 
 
 def param_widget(container, method: str, spec: ParamSpec) -> Any:
@@ -310,9 +299,10 @@ def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: Lo
                                 help="Methods keep different numbers of tokens; per token they compare.")
     size_weighted = right.checkbox("Size-weighted (a token counts once per patch it holds)", key="diversity_size_weighted")
 
-    def values(analysis: Analysis) -> list[float]:  # cached per options across reruns (ui.shared)
-        return image_diversity(digest, loaded.name, loaded.weights, loaded.device, analysis.plan, crop_pct,
-                               centre, size_weighted, per_token, image).tolist()
+    def values(analysis: Analysis) -> list[float]:  # cached across reruns (ui.shared.image_diversity)
+        raw, normalised = image_diversity(digest, loaded.name, loaded.weights, loaded.device, analysis.plan, crop_pct,
+                                          centre, size_weighted, image)
+        return (normalised if per_token else raw).tolist()
 
     series = [{"method": "none", "label": "dense", "values": values(dense), "reducing_layers": []}]
     series += [{"method": name, "label": get_method(name).label, "values": values(a),

@@ -213,8 +213,5 @@ def diversity_per_block(result: Any, centre: str = "medoid", per_token: bool = F
     """
     if result.block_outputs is None:
         raise ValueError("the result has no block outputs: run the engine with keep_block_outputs=True")
-    columns = []
-    for index, output in enumerate(result.block_outputs):
-        sizes = result.block_sizes[index][:, 1:] if size_weighted else None
-        columns.append(diversity_score(output[:, 1:], centre=centre, per_token=per_token, sizes=sizes).numpy())
-    return np.stack(columns, axis=1)
+    raw, normalised = diversity_of_blocks(result.block_outputs, result.block_sizes, centre, size_weighted)
+    return normalised if per_token else raw

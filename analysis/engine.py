@@ -332,8 +332,11 @@ def run_token_count_twin(model: torch.nn.Module, images: torch.Tensor, counts: l
     Returns:
         [B, classes] float32 logits.
     Raises:
-        PlanError: `counts` has the wrong length or a count grows.
+        PlanError: `counts` has the wrong length, a count grows, or `acts` is neither "inside"
+            nor "before".
     """
+    if acts not in ("inside", "before"):
+        raise PlanError(f"acts must be 'inside' or 'before', got {acts!r}")
     depth = len(model.blocks)
     if len(counts) != depth:
         raise PlanError(f"the twin needs one token count per block ({depth}), got {len(counts)}")
@@ -345,7 +348,7 @@ def run_token_count_twin(model: torch.nn.Module, images: torch.Tensor, counts: l
             x = x[:, :count].contiguous()
         attn_out, _, _ = _attention(block, block.norm1(x), None, want_cls=False, want_keys=False)
         x = x + block.drop_path1(_layer_scale(block, "ls1")(attn_out))
-        if acts != "before" and count < x.shape[1]:
+        if acts == "inside" and count < x.shape[1]:
             x = x[:, :count].contiguous()
         x = x + block.drop_path2(_layer_scale(block, "ls2")(block.mlp(block.norm2(x))))
     return model.forward_head(model.norm(x)).float()

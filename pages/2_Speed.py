@@ -29,16 +29,21 @@ def _label(name: str) -> str:
     return METHODS[name].label if name in METHODS else name
 
 
+def _setting(keep_rate: float, r: float) -> str:
+    return f"r={int(r)}" if pd.notna(r) and r != "" else f"keep {keep_rate:g}"
+
+
 def speedup_figure(frame: pd.DataFrame) -> go.Figure:
     """Measured speedup (median, whiskers from the IQR of the setting's latency) against the GMACs
-    ratio, one trace per method and batch size, with the line where speedup equals the GMACs ratio."""
+    ratio, one trace per method and batch size, with the line where speedup equals the GMACs ratio
+    and, when the run timed them, the token-count bounds (`speedup_bound`) as open circles."""
     figure = go.Figure()
     reduced = frame[frame["method"] != "none"]
     for (method, batch), group in reduced.groupby(["method", "batch_size"], sort=False):
         dense_latency = frame[(frame["method"] == "none") & (frame["batch_size"] == batch)]["latency_ms"].iloc[0]
         upper = dense_latency / group["latency_ms_q1"] - group["speedup_vs_dense"]
         lower = group["speedup_vs_dense"] - dense_latency / group["latency_ms_q3"]
-        setting = [f"r={int(r)}" if pd.notna(r) and r != "" else f"keep {k:g}" for k, r in zip(group["keep_rate"], group["r"])]
+        setting = [_setting(k, r) for k, r in zip(group["keep_rate"], group["r"])]
         figure.add_trace(go.Scatter(
             x=group["gmacs_ratio"], y=group["speedup_vs_dense"], mode="markers", name=f"{_label(method)}, batch {batch}",
             text=setting, marker={"size": 11},
@@ -50,7 +55,7 @@ def speedup_figure(frame: pd.DataFrame) -> go.Figure:
         figure.add_trace(go.Scatter(
             x=bound["gmacs_ratio"], y=bound["speedup_bound"], mode="markers",
             name="token-count bound (same counts, no method work)", marker={"size": 13, "symbol": "circle-open", "color": "black"},
-            text=[f"{_label(m)}, batch {b}" for m, b in zip(bound["method"], bound["batch_size"])],
+            text=[f"{_label(m)} {_setting(k, r)}, batch {b}" for m, k, r, b in zip(bound["method"], bound["keep_rate"], bound["r"], bound["batch_size"])],
             hovertemplate="%{text}<br>GMACs ratio %{x:.2f}x<br>bound %{y:.2f}x<extra>token-count bound</extra>",
         ))
     highest = [float(reduced["gmacs_ratio"].max()), float(reduced["speedup_vs_dense"].max())] if len(reduced) else [1.0]

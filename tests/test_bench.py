@@ -225,6 +225,8 @@ def test_token_count_twin_follows_the_counts_where_the_method_cuts(tiny, sample_
     assert seen == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3
     with pytest.raises(engine.PlanError, match="one token count per block"):
         engine.run_token_count_twin(tiny.model, sample_batch, [197] * 11)
+    with pytest.raises(engine.PlanError, match="acts must be 'inside' or 'before'"):
+        engine.run_token_count_twin(tiny.model, sample_batch, evit.token_counts, "Before")
     with pytest.raises(engine.PlanError, match="must not grow"):
         engine.run_token_count_twin(tiny.model, sample_batch, [100] + [150] * 11)
 

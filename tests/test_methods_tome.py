@@ -169,3 +169,22 @@ def test_cli_inspect_json(capsys, sample_files):
     last = record["stages"][-1]
     assert len(last["token_kinds"]) == 41 and "merged" in last["token_kinds"]
     assert sum(last["token_sizes"]) == 196
+
+
+def test_matching_ties_go_by_position_and_a_zero_key_stays_finite(tiny, sample_batch):
+    """bipartite_match on real DeiT-T keys with two A tokens made identical (an exact tie) and one
+    key zeroed: the tied tokens come out in position order, the cls row never merges, no NaN."""
+    from analysis.methods.tome import bipartite_match
+
+    _, _, keys = inside_state(tiny.model, sample_batch[:2], 3)
+    keys = keys.clone()
+    keys[:, 10] = keys[:, 4]  # A positions 4 and 10 (A indices 2 and 5) now score the same
+    keys[:, 20] = 0.0  # A index 10: a zero vector (its norm is clamped, its scores are 0)
+    order, partner = bipartite_match(keys, protect_first=True)
+    assert order.shape == partner.shape == (2, 99)
+    for b in range(2):
+        ranks = order[b].tolist()
+        assert ranks.index(2) < ranks.index(5), "an exact tie keeps position order (stable sort)"
+        assert ranks[-1] == 0, "the cls row is scored -inf and comes last"
+    assert torch.isfinite(tome_assignment(keys, torch.ones(keys.shape[:2]), 13).weight).all()
+    assert not torch.isnan(partner.float()).any()

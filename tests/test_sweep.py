@@ -178,3 +178,23 @@ def test_a_folder_of_unreadable_images_is_an_error(tmp_path, tiny):
     with pytest.raises(SweepError, match="none of the 2 images"):
         run_sweep(SweepConfig(data=str(tmp_path / "data"), model=TINY, methods=("evit",), keep_rates=(0.7,), workers=0,
                               out=str(tmp_path / "out")), loaded=tiny, show_bar=False)
+
+
+def test_gmacs_come_from_the_observed_counts_without_a_dummy_forward(tmp_path, tiny, sample_files, monkeypatch):
+    """The sweep takes each setting's GMACs from the token counts its own pass observed: no extra
+    forward to count tokens (gmacs.token_counts would run one) and the same GMACs as counting."""
+    import analysis.gmacs as gmacs
+
+    root = _small_layout(tmp_path, sample_files)
+    expected = plan_gmacs(tiny.model, ReductionPlan.make("evit", 0.7))
+
+    counting = gmacs.token_counts
+
+    def no_dummy_forward(model, plan, extras=None):
+        assert plan.is_dense, "the sweep ran a dummy forward to count a reduced plan's tokens"
+        return counting(model, plan, extras)  # the dense counts need no forward
+
+    monkeypatch.setattr(gmacs, "token_counts", no_dummy_forward)
+    outcome = run_sweep(SweepConfig(data=str(root), model=TINY, methods=("evit",), keep_rates=(0.7,), batch_size=5, workers=0,
+                                    diversity_images=0, out=str(tmp_path / "out")), loaded=tiny, show_bar=False)
+    assert outcome.rows[0]["gmacs"] == pytest.approx(expected, rel=1e-12)

@@ -138,7 +138,8 @@ class ImageAnalysis:
 
     The diversity r(Z) is not part of the cached analysis: `diversity_values` computes it on
     demand for the one option combination a page asks for and memoises it in this object
-    (`_diversity`, left out of comparisons and repr).
+    (`_diversity`, left out of comparisons and repr). `st.cache_data` hands out a fresh copy on
+    every call, so across reruns the app caches the values with `image_diversity` instead.
     """
 
     plan: Any
@@ -177,8 +178,8 @@ class ImageAnalysis:
             per_token: divide by the number of non-cls tokens (or their total size when weighted).
         Returns:
             a read-only [depth] float64 array, computed by `analysis.diversity.diversity_of_blocks`
-            on the first call for (centre, size_weighted) and memoised (raw and per-token together);
-            later calls return the same array.
+            on the first call for (centre, size_weighted) and memoised (raw and per-token together)
+            in this object; later calls on the same object return the same array.
         Raises:
             ValueError: an unknown centre.
         """
@@ -203,8 +204,9 @@ def model_crop(digest: str, name: str, weights: str, device: str, crop_pct: floa
     return crop_only_transform(loaded.model, crop_pct)(_image).convert("RGB")
 
 
-# 24 entries: four full main-page views (dense + 5 methods); each holds its block outputs
-# (DeiT-S about 3.6 MB, DeiT-B 7 MB), so the cache stays under about 200 MB on a shared server.
+# 24 entries: two or three main-page views (dense, the chosen methods and the comparison row's own
+# plans); each holds its block outputs (DeiT-S about 3.6 MB, DeiT-B 7 MB), so the cache stays
+# under about 200 MB on a shared server.
 @st.cache_data(show_spinner=False, max_entries=24)
 def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_pct: float | None, _image) -> ImageAnalysis:
     """Run `plan` (an `analysis.engine.ReductionPlan`) on one PIL image, cached by (image bytes
@@ -227,12 +229,14 @@ def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def image_diversity(digest: str, name: str, weights: str, device: str, plan, crop_pct: float | None,
-                    centre: str, size_weighted: bool, per_token: bool, _image) -> np.ndarray:
-    """[depth] r(Z) per block (methods.md §5) of `plan` on one image for one choice of the options,
-    cached across reruns by the same key as `analyse_image` plus the options (a few bytes each),
-    so redrawing the chart after an unrelated widget change computes nothing.
+                    centre: str, size_weighted: bool, _image) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, per-token) r(Z) per block (methods.md §5), each [depth] float64, of `plan` on one image
+    for one centre and weighting, cached across reruns by `analyse_image`'s key plus the two
+    options (a few hundred bytes each): redrawing the chart after another widget changes, or
+    toggling per-token, computes nothing.
 
     Raises ValueError for an unknown centre, PlanError / TokenscopeError as `analyse_image`.
     """
     analysis = analyse_image(digest, name, weights, device, plan, crop_pct, _image)
-    return analysis.diversity_values(centre, size_weighted, per_token)
+    return (analysis.diversity_values(centre, size_weighted, per_token=False),
+            analysis.diversity_values(centre, size_weighted, per_token=True))

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     config = SweepConfig(
         data=args.data, labels=args.labels, model=args.model, weights=args.weights, device=args.device,
-        methods=tuple(comma_list(args.methods, str, "--methods")),
+        methods=tuple(comma_list(args.methods, str, "--methods", SweepError)),
         keep_rates=tuple(comma_list(args.keep_rates, float, "--keep-rates", SweepError, "1.0,0.9,0.7")),
         crop_pct=args.crop_pct, limit=args.limit, batch_size=args.batch_size, workers=args.workers, out=args.out,
         diversity_centre=args.diversity_centre, diversity_size_weighted=args.diversity_size_weighted,
