@@ -91,9 +91,10 @@ def main() -> None:
     r_value = left.number_input("ToMe r (tokens merged per block)", min_value=0, max_value=98, value=13, step=1, key="speed_r")
     batch_sizes = middle.multiselect("Batch sizes", BATCH_SIZES, default=[32], key="speed_batch_sizes")
     amp = middle.checkbox("Autocast (float16 on CUDA, bfloat16 on CPU)", key="speed_amp")
-    bound = middle.checkbox("Also time each setting's token-count twin (the method's own overhead)", key="speed_bound",
-                            help="The same blocks at the same token counts, reached by cutting the sequence: no scoring, "
-                                 "no merging. Its speedup is the most any method with these counts can gain here.")
+    bound = middle.checkbox("Token-count bound (method overhead)", key="speed_bound",
+                            help="Also time each setting's token-count twin: the same blocks at the same token counts, reached by "
+                                 "cutting the sequence, with no scoring and no merging. Its speedup is the most any method "
+                                 "with these counts can gain here; the table adds the method's own overhead.")
     warmup = right.number_input("Warm-up calls per setting", min_value=0, max_value=20, value=2, key="speed_warmup")
     repeats = right.number_input("Timed repeats per setting", min_value=1, max_value=200, value=10, key="speed_repeats")
     st.caption(f"Runs on {loaded.device}, {dtype_label(loaded.device, amp)}, {torch.get_num_threads()} threads. "
