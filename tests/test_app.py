@@ -249,10 +249,9 @@ def test_diversity_options_change_the_chart():
     assert len(dense_values()) == 12
 
 
-def test_diversity_values_computed_on_demand_and_memoised(tiny, sample_batch):
+def test_diversity_computed_on_demand_from_the_stored_block_outputs(tiny, sample_batch):
     """ImageAnalysis keeps the block outputs and computes r(Z) only when asked: every option
-    combination equals diversity_per_block_both on the same engine result, bit for bit, and a
-    second call returns the memoised array."""
+    combination equals diversity_per_block_both on the same engine result, bit for bit."""
     import pickle
 
     import numpy as np
@@ -266,18 +265,14 @@ def test_diversity_values_computed_on_demand_and_memoised(tiny, sample_batch):
     analysis = ImageAnalysis.from_result(result, plan, gmacs={})
     assert [output.shape[0] for output in analysis.block_outputs] == result.token_counts
     assert all(output.dtype == np.float32 for output in analysis.block_outputs)
-    assert not analysis._diversity, "nothing computed before it is asked for"
-    # pickled as st.cache_data does, before any diversity is asked for
+    # pickled as st.cache_data does
     analysis = pickle.loads(pickle.dumps(analysis))
     for centre in ("medoid", "median"):
         for size_weighted in (False, True):
-            raw, per_token = diversity_per_block_both(result, centre, size_weighted)
-            for flag, expected in ((False, raw[0]), (True, per_token[0])):
-                values = analysis.diversity_values(centre=centre, size_weighted=size_weighted, per_token=flag)
+            expected = diversity_per_block_both(result, centre, size_weighted)
+            for values, want in zip(analysis.diversity(centre=centre, size_weighted=size_weighted), expected):
                 assert values.dtype == np.float64 and values.shape == (12,)
-                np.testing.assert_array_equal(values, expected)
-                assert analysis.diversity_values(centre=centre, size_weighted=size_weighted, per_token=flag) is values
-    assert len(analysis._diversity) == 8
-    assert not np.array_equal(analysis.diversity_values("medoid", True, True), analysis.diversity_values("medoid", False, True))
+                np.testing.assert_array_equal(values, want[0])
+    assert not np.array_equal(analysis.diversity("medoid", True)[1], analysis.diversity("medoid", False)[1])
     with pytest.raises(ValueError, match="centre"):
-        analysis.diversity_values(centre="mean")
+        analysis.diversity(centre="mean")

@@ -6,7 +6,7 @@ modified: reduction settings travel in the `ReductionPlan` passed to each forwar
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +117,6 @@ def weights_badge(loaded: LoadedModel) -> str:
 
 
 # --- one image through one plan, cached (the main page's per-image results) ----------------------
-DiversityKey = tuple[str, bool, bool]
-
-
 @dataclass
 class ImageAnalysis:
     """One image through one ReductionPlan, reduced to what a page draws (numpy and plain values).
@@ -133,13 +130,11 @@ class ImageAnalysis:
         top5: the 5 most probable ImageNet classes as {index, label, prob}.
         gmacs: `analysis.gmacs.gmacs_report` of the plan with the actual token counts.
         block_outputs: per block, the [N_i, C] float32 tokens leaving it, cls token at index 0
-            (what `diversity_values` computes r(Z) from).
+            (what `diversity` computes r(Z) from).
         block_sizes: per block, the [N_i] patches held by each token (cls included).
 
-    The diversity r(Z) is not part of the cached analysis: `diversity_values` computes it on
-    demand for the one option combination a page asks for and memoises it in this object
-    (`_diversity`, left out of comparisons and repr). `st.cache_data` hands out a fresh copy on
-    every call, so across reruns the app caches the values with `image_diversity` instead.
+    The diversity r(Z) is not part of the cached analysis: `diversity` computes it on demand for
+    the options a page asks for, and `image_diversity` caches that across reruns.
     """
 
     plan: Any
@@ -149,7 +144,6 @@ class ImageAnalysis:
     gmacs: dict[str, float]
     block_outputs: list[np.ndarray]
     block_sizes: list[np.ndarray]
-    _diversity: dict[DiversityKey, np.ndarray] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def from_result(cls, result: Any, plan: Any, gmacs: dict[str, float]) -> "ImageAnalysis":
@@ -169,31 +163,23 @@ class ImageAnalysis:
             block_sizes=[sizes[0].detach().cpu().numpy() for sizes in result.block_sizes],
         )
 
-    def diversity_values(self, centre: str = "medoid", size_weighted: bool = False, per_token: bool = True) -> np.ndarray:
-        """[depth] float64 r(Z) of each block's output (methods.md §5) for one choice of options.
+    def diversity(self, centre: str = "medoid", size_weighted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(raw, per-token) r(Z) of each block's output (methods.md §5), each [depth] float64, by
+        `analysis.diversity.diversity_of_blocks` on the stored block outputs.
 
         Args:
             centre: "medoid" (one of the tokens, BAT's definition) or "median" (free centre).
-            size_weighted: a token counts once per patch it holds.
-            per_token: divide by the number of non-cls tokens (or their total size when weighted).
-        Returns:
-            a read-only [depth] float64 array, computed by `analysis.diversity.diversity_of_blocks`
-            on the first call for (centre, size_weighted) and memoised (raw and per-token together)
-            in this object; later calls on the same object return the same array.
+            size_weighted: a token counts once per patch it holds; per-token values then divide by
+                the total size instead of the number of non-cls tokens.
         Raises:
             ValueError: an unknown centre.
         """
-        key = (centre, bool(size_weighted), bool(per_token))
-        if key not in self._diversity:
-            from analysis.diversity import diversity_of_blocks
+        from analysis.diversity import diversity_of_blocks
 
-            outputs = [torch.from_numpy(output).unsqueeze(0) for output in self.block_outputs]
-            sizes = [torch.from_numpy(size).unsqueeze(0) for size in self.block_sizes]
-            raw, per = diversity_of_blocks(outputs, sizes, centre, bool(size_weighted))
-            for flag, values in ((False, raw[0]), (True, per[0])):
-                values.flags.writeable = False
-                self._diversity[(centre, bool(size_weighted), flag)] = values
-        return self._diversity[key]
+        outputs = [torch.from_numpy(output).unsqueeze(0) for output in self.block_outputs]
+        sizes = [torch.from_numpy(size).unsqueeze(0) for size in self.block_sizes]
+        raw, per_token = diversity_of_blocks(outputs, sizes, centre, bool(size_weighted))
+        return raw[0], per_token[0]
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -213,7 +199,7 @@ def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_
     hash `digest`, model, weights, device, plan, crop).
 
     The analysis keeps the image's block outputs and sizes; the diversity r(Z) is computed only
-    when a page asks for it (`ImageAnalysis.diversity_values`), for the options it asks for.
+    when a page asks for it (`image_diversity`), for the options it asks for.
 
     Raises PlanError / TokenscopeError when the plan cannot run on this model.
     """
@@ -237,6 +223,4 @@ def image_diversity(digest: str, name: str, weights: str, device: str, plan, cro
 
     Raises ValueError for an unknown centre, PlanError / TokenscopeError as `analyse_image`.
     """
-    analysis = analyse_image(digest, name, weights, device, plan, crop_pct, _image)
-    return (analysis.diversity_values(centre, size_weighted, per_token=False),
-            analysis.diversity_values(centre, size_weighted, per_token=True))
+    return analyse_image(digest, name, weights, device, plan, crop_pct, _image).diversity(centre, size_weighted)
