@@ -207,6 +207,22 @@ def _layer_scale(block: torch.nn.Module, name: str):
     return getattr(block, name, None) or _IDENTITY
 
 
+def _embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """timm's token embedding: [B, 3, H, W] -> [B, 1 + P, C] (cls token and position embedding added)."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+
+def _attention_residual(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, want_cls: bool, want_keys: bool):
+    """The first half of a timm block, x + attention(norm1(x)); returns (x, cls_attention, keys) as `_attention`."""
+    attn_out, cls_attention, keys = _attention(block, block.norm1(x), bias, want_cls=want_cls, want_keys=want_keys)
+    return x + block.drop_path1(_layer_scale(block, "ls1")(attn_out)), cls_attention, keys
+
+
+def _mlp_residual(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The second half of a timm block, x + mlp(norm2(x))."""
+    return x + block.drop_path2(_layer_scale(block, "ls2")(block.mlp(block.norm2(x))))
+
+
 @torch.inference_mode()
 def run(
     model: torch.nn.Module,
@@ -243,10 +259,7 @@ def run(
             raise PlanError(f"{method.label} cannot run: {reason}")
     proportional = method is not None and method.proportional_attention(params)
 
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
+    x = _embed(model, images)
     batch, n0, _ = x.shape
     device = x.device
     num_patches = n0 - 1
@@ -294,14 +307,12 @@ def run(
             reduce(stage_index, block_index, None, None)
         inside = method is not None and method.acts == "inside" and stage_index >= 0
         bias = sizes.log().to(x.dtype)[:, None, None, :] if proportional else None
-        attn_out, cls_attention, keys = _attention(
-            block, block.norm1(x), bias,
-            want_cls=inside and method.needs_cls_attention, want_keys=inside and method.needs_keys,
+        x, cls_attention, keys = _attention_residual(
+            block, x, bias, want_cls=inside and method.needs_cls_attention, want_keys=inside and method.needs_keys,
         )
-        x = x + block.drop_path1(_layer_scale(block, "ls1")(attn_out))
         if inside:
             reduce(stage_index, block_index, cls_attention, keys)
-        x = x + block.drop_path2(_layer_scale(block, "ls2")(block.mlp(block.norm2(x))))
+        x = _mlp_residual(block, x)
         counts.append(int(x.shape[1]))
         if outputs is not None:
             outputs.append(x)
@@ -340,15 +351,14 @@ def run_token_count_twin(model: torch.nn.Module, images: torch.Tensor, counts: l
     depth = len(model.blocks)
     if len(counts) != depth:
         raise PlanError(f"the twin needs one token count per block ({depth}), got {len(counts)}")
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    x = _embed(model, images)
     for block, count in zip(model.blocks, counts):
         if count > x.shape[1]:
             raise PlanError(f"token counts must not grow: {count} after {x.shape[1]}")
         if acts == "before" and count < x.shape[1]:
             x = x[:, :count].contiguous()
-        attn_out, _, _ = _attention(block, block.norm1(x), None, want_cls=False, want_keys=False)
-        x = x + block.drop_path1(_layer_scale(block, "ls1")(attn_out))
+        x, _, _ = _attention_residual(block, x, None, want_cls=False, want_keys=False)
         if acts == "inside" and count < x.shape[1]:
             x = x[:, :count].contiguous()
-        x = x + block.drop_path2(_layer_scale(block, "ls2")(block.mlp(block.norm2(x))))
+        x = _mlp_residual(block, x)
     return model.forward_head(model.norm(x)).float()
