@@ -2,8 +2,10 @@
 
 Run with `streamlit run app.py`. This script only wires things together: models come from
 `ui.shared` (cached with st.cache_resource), the forward passes from `analysis`, the pictures from
-`viz`. Every forward pass is cached with st.cache_data by (image hash, model, weights, device,
-ReductionPlan, crop), so moving a slider re-runs only what changed and never reloads the model.
+`viz`. Every forward pass is cached with st.cache_data by one `ui.shared.AnalysisKey` (image hash,
+model, weights, device, ReductionPlan, crop), so moving a slider re-runs only what changed and
+never reloads the model. The page names no method: the method list, their parameters and the
+comparison rows come from the registry (`analysis.registry`, `Method.comparison`).
 """
 from __future__ import annotations
 
@@ -17,21 +19,13 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from analysis.engine import PlanError, ReductionPlan, parse_layers
-from analysis.methods import METHODS, ParamSpec, get_method
-from analysis.methods.tome import matched_r_schedule
-from analysis.models import (
-    PAPER_CROP_PCT,
-    ImageLoadError,
-    LoadedModel,
-    TokenscopeError,
-    data_config,
-    load_image,
-)
-from ui.shared import ImageAnalysis as Analysis
-from ui.shared import analyse_image as analyse
-from ui.shared import image_diversity
-from ui.shared import model_crop, model_sidebar, weights_badge
+from analysis.errors import ImageLoadError, PlanError, TokenscopeError
+from analysis.inspect import ImageAnalysis as Analysis
+from analysis.methods.base import COMPARISON_ROWS, ParamSpec, keep_rate_counts
+from analysis.models import PAPER_CROP_PCT, LoadedModel, data_config, load_image
+from analysis.plan import ReductionPlan, parse_layers
+from analysis.registry import all_methods, get_method
+from ui.shared import AnalysisKey, analyse_image, image_diversity, model_crop, model_sidebar, weights_badge
 from viz.charts import diversity_chart
 from viz.interactive import dispatch_figure, html_bytes
 from viz.overlays import (
@@ -55,14 +49,6 @@ SAMPLES: dict[str, str] = {
 }
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
 DEFAULT_LAYERS = "4,7,10"
-# The comparison row of BAT's figure, then eTPS and ToMe (methods.md §2-§6).
-COMPARISON = (
-    ("(b) importance-based: EViT", "evit", {"fuse": False}),
-    ("(c) diversity-based: DPC-kNN", "dpc", {}),
-    ("(d) BAT (reconstructed)", "bat", {}),
-    ("(e) eTPS", "etps", {}),
-    ("(f) ToMe", "tome", {}),
-)
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -101,10 +87,11 @@ def method_sidebar(loaded: LoadedModel) -> Settings:
     """Method multiselect, keep rate, layers, crop and each chosen method's parameters."""
     sidebar = st.sidebar
     sidebar.header("Reduction")
-    available = ["none"] + [name for name, m in METHODS.items() if m.unavailable_reason(loaded.extras) is None]
-    unavailable = {name: m.unavailable_reason(loaded.extras) for name, m in METHODS.items() if name not in available}
-    # ?method=evit&method=bat preselects methods (shareable links; the browser test uses it).
-    wanted = [name for name in st.query_params.get_all("method") if name in available] or ["evit"]
+    methods = all_methods()
+    available = ["none"] + [name for name, m in methods.items() if m.unavailable_reason(loaded.extras) is None]
+    unavailable = {name: m.unavailable_reason(loaded.extras) for name, m in methods.items() if name not in available}
+    # ?method=evit&method=bat preselects methods (shareable links; the browser test uses it); else the first listed.
+    wanted = [name for name in st.query_params.get_all("method") if name in available] or available[1:2]
     chosen = sidebar.multiselect(
         "Methods", available, default=wanted, key="methods",
         format_func=lambda name: "none (dense model only)" if name == "none" else get_method(name).label,
@@ -118,9 +105,11 @@ def method_sidebar(loaded: LoadedModel) -> Settings:
     for reason, labels in by_reason.items():
         sidebar.caption(f"{' and '.join(labels)} unavailable: {reason}")
     keep_rate = sidebar.slider("Keep rate", 0.05, 1.0, 0.7, 0.05, key="keep_rate",
-                               help="rho: the fraction of non-cls tokens kept at each reducing layer (EViT, eTPS, BAT, DPC, dTPS, DynamicViT)")
+                               help="rho: the fraction of non-cls tokens kept at each reducing layer, for the methods that have a keep rate "
+                                    "(" + ", ".join(m.label for m in methods.values() if m.uses_keep_rate) + ")")
     layers_text = sidebar.text_input("Reduction layers (1-based)", DEFAULT_LAYERS, key="layers",
-                                     help="Blocks where the keep-rate methods reduce, as the papers count (4,7,10). ToMe merges in every block.")
+                                     help="Blocks where the keep-rate methods reduce, as the papers count (4,7,10). Methods that reduce in every "
+                                          "block by default (" + ", ".join(m.label for m in methods.values() if m.default_layers is None) + ") keep doing so.")
     default_crop = data_config(loaded.model)["crop_pct"]
     crop_choice = sidebar.radio("Crop", (f"model default ({default_crop:g})", f"papers ({PAPER_CROP_PCT})"), key="crop",
                                 help="Resize + centre crop fraction: the model's timm data config, or the papers' 0.875")
@@ -223,48 +212,67 @@ def method_tab(method: str, analysis: Analysis, dense: Analysis, crop: Image.Ima
     right.dataframe(predictions_table(dense.top5), width="stretch")
 
 
-def comparison_section(digest: str, image: Image.Image, crop: Image.Image, loaded: LoadedModel, settings: Settings, slug: str) -> None:
-    """BAT's comparison figure: (a) input, then each method at the same token count per stage."""
-    st.subheader("Comparison at one budget")
-    runs: list[tuple[str, Analysis]] = []
-    reference: Analysis | None = None
-    for title, method, params in COMPARISON:
-        if method == "tome":
-            if reference is None:
-                continue
-            schedule = matched_r_schedule(reference.token_counts, n0=loaded.num_patches + 1)
-            plan = ReductionPlan.make("tome", 1.0, None, r=schedule)
-        else:
-            plan = plan_for(method, settings, params)
-        analysis = analyse(digest, loaded.name, loaded.weights, loaded.device, plan, settings.crop_pct, image)
-        reference = reference or analysis
-        runs.append((title, analysis))
-    layers = [record.layer for record in runs[0][1].stages]
-    if not layers:
-        st.info("At this keep rate no method reduces anything, so there is nothing to compare.")
-        return
-    layer = st.select_slider("Stage (layer) to compare", layers, value=layers[-1], key="compare_layer")
-    panels = [Panel("(a) input", crop, f"{loaded.num_patches} patches")]
-    counts_line = []
-    for title, analysis in runs:
-        record = next((r for r in analysis.stages if r.layer == layer), None)
-        if record is None:
-            # ToMe merges in every block: take its last stage up to this layer.
-            record = max((r for r in analysis.stages if r.layer <= layer), key=lambda r: r.layer, default=None)
-        if record is None:
+def comparison_entries(row: str) -> list[tuple[Any, Any]]:
+    """(method, entry) of every registered method that joins comparison `row`, in the row's order."""
+    entries = [(method, entry) for method in all_methods().values() for entry in method.comparison if entry.row == row]
+    return sorted(entries, key=lambda item: item[1].order)
+
+
+def comparison_plan(method, entry, settings: Settings, depth: int, n0: int, target: list[int]) -> ReductionPlan:
+    """The method's plan at the row's budget (`Method.budget` with the target counts), with the
+    row's parameter overrides."""
+    layers = settings.layers if method.default_layers is not None else None
+    plan = method.budget(settings.keep_rate, depth, n0, layers=settings.layers, target_counts=target)
+    if layers is not None and plan.layers is None and method.uses_keep_rate:
+        plan = ReductionPlan.make(plan.method, plan.keep_rate, layers, **dict(plan.params))
+    overrides = dict(entry.params)
+    if overrides:
+        plan = ReductionPlan.make(plan.method, plan.keep_rate, plan.layers, **{**dict(plan.params), **overrides})
+    return plan
+
+
+def comparison_section(key: AnalysisKey, image: Image.Image, crop: Image.Image, loaded: LoadedModel, settings: Settings, slug: str) -> None:
+    """Every comparison row (`COMPARISON_ROWS`, e.g. BAT's figure): (a) input, then each method that
+    joins the row at the same token count per stage (methods meet it through `Method.budget`)."""
+    depth, n0 = len(loaded.model.blocks), loaded.num_patches + 1
+    target = keep_rate_counts(settings.keep_rate, depth, n0, settings.layers or (4, 7, 10))
+    targets = {block: count for block, count in enumerate(target, 1)}
+    for row_index, (row, heading) in enumerate(COMPARISON_ROWS.items()):
+        entries = comparison_entries(row)
+        runnable = [(m, e) for m, e in entries if m.unavailable_reason(loaded.extras) is None]
+        if not runnable:
             continue
-        panels.append(Panel(title, stage_view(crop, record, loaded.grid_size, legend=False), f"{record.n_tokens} tokens after layer {record.layer}"))
-        counts_line.append(f"{title.split(':')[-1].strip()}: {', '.join(str(c) for c in _stage_counts(analysis))}")
-    note = ("Tokens (cls included) after each reducing layer: " + "; ".join(counts_line) +
-            ". EViT runs without fusion here so every method keeps ceil(rho n) tokens per stage; ToMe's per-block r is "
-            "matched to EViT's counts (analysis.methods.tome.matched_r_schedule), so it merges only in the same blocks.")
-    row = labelled(comparison_row(panels, panel_size=224, note=note), loaded)
-    st.image(row, width="stretch", output_format="PNG")
-    download_png(st, "PNG", row, f"{slug}_comparison_layer{layer}.png", "dl_comparison")
-
-
-def _stage_counts(analysis: Analysis) -> list[int]:
-    return [record.n_tokens for record in analysis.stages]
+        st.subheader(heading)
+        runs = [(method, entry, analyse_image(key.with_plan(comparison_plan(method, entry, settings, depth, n0, target)), image))
+                for method, entry in runnable]
+        layers = sorted({record.layer for _, _, analysis in runs for record in analysis.stages
+                         if record.layer in (settings.layers or (4, 7, 10))})
+        if not layers:
+            st.info("At this keep rate no method reduces anything, so there is nothing to compare.")
+            continue
+        layer = st.select_slider("Stage (layer) to compare", layers, value=layers[-1], key=f"compare_layer_{row}")
+        panels = [Panel("(a) input", crop, f"{loaded.num_patches} patches")]
+        counts_line = []
+        for index, (method, entry, analysis) in enumerate(runs):
+            # a method reducing in more blocks than the row's layers: its last stage up to this layer
+            record = max((r for r in analysis.stages if r.layer <= layer), key=lambda r: r.layer, default=None)
+            if record is None:
+                continue
+            caption = f"{record.n_tokens} tokens after layer {layer}"
+            if record.n_tokens != targets[layer]:
+                caption += f" (budget {targets[layer]}: not met exactly)"
+            title = f"({chr(ord('b') + index)}) {entry.title}"
+            panels.append(Panel(title, stage_view(crop, record, loaded.grid_size, legend=False), caption))
+            counts_line.append(f"{entry.title.split(':')[-1].strip()}: "
+                               f"{', '.join(str(analysis.token_counts[block - 1]) for block in layers)}")
+        overrides = [f"{method.label} with {', '.join(f'{k}={v}' for k, v in entry.params)}" for method, entry, _ in runs if entry.params]
+        note = (f"Tokens (cls included) after layers {', '.join(map(str, layers))}: " + "; ".join(counts_line) +
+                f". Budget: keep rate {settings.keep_rate:g}, ceil(rho n) tokens per stage ({', '.join(str(targets[b]) for b in layers)}); "
+                "methods without a keep rate follow these counts block by block through their own budget parameter"
+                + (f"; {'; '.join(overrides)}" if overrides else "") + ".")
+        picture = labelled(comparison_row(panels, panel_size=224, note=note), loaded)
+        st.image(picture, caption=" · ".join(panel.title for panel in panels), width="stretch", output_format="PNG")
+        download_png(st, "PNG", picture, f"{slug}_comparison_{row}_layer{layer}.png", f"dl_comparison_{row_index}")
 
 
 def counts_table(analyses: dict[str, Analysis], dense: Analysis) -> pd.DataFrame:
@@ -285,8 +293,8 @@ def summary_table(analyses: dict[str, Analysis], dense: Analysis) -> pd.DataFram
     }, index=list(rows))
 
 
-def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: LoadedModel, digest: str,
-                      crop_pct: float | None, image: Image.Image) -> None:
+def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: LoadedModel, key: AnalysisKey,
+                      image: Image.Image) -> None:
     """Diversity r(Z) of every block's output (methods.md §5), one line per method (viz.charts),
     with the options of §5: medoid (BAT's definition) or median centre, per-token normalisation
     (so methods with different token counts compare) and size weighting."""
@@ -300,8 +308,7 @@ def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: Lo
     size_weighted = right.checkbox("Size-weighted (a token counts once per patch it holds)", key="diversity_size_weighted")
 
     def values(analysis: Analysis) -> list[float]:  # cached across reruns (ui.shared.image_diversity)
-        raw, normalised = image_diversity(digest, loaded.name, loaded.weights, loaded.device, analysis.plan, crop_pct,
-                                          centre, size_weighted, image)
+        raw, normalised = image_diversity(key.with_plan(analysis.plan), centre, size_weighted, image)
         return (normalised if per_token else raw).tolist()
 
     series = [{"method": "none", "label": "dense", "values": values(dense), "reducing_layers": []}]
@@ -352,10 +359,10 @@ def main() -> None:
         for plan in plans.values():
             plan.validate(len(loaded.model.blocks))
         with st.spinner("Running the model…"):
-            crop = model_crop(digest, loaded.name, loaded.weights, loaded.device, settings.crop_pct, image)
-            dense = analyse(digest, loaded.name, loaded.weights, loaded.device, ReductionPlan(), settings.crop_pct, image)
-            analyses = {method: analyse(digest, loaded.name, loaded.weights, loaded.device, plan, settings.crop_pct, image)
-                        for method, plan in plans.items()}
+            key = AnalysisKey(digest, loaded.name, loaded.weights, loaded.device, ReductionPlan(), settings.crop_pct)
+            crop = model_crop(key, image)
+            dense = analyse_image(key, image)
+            analyses = {method: analyse_image(key.with_plan(plan), image) for method, plan in plans.items()}
     except TokenscopeError as err:
         st.error(f"{err}. Change the keep rate, layers or method parameters in the sidebar.")
         st.stop()
@@ -377,11 +384,11 @@ def main() -> None:
         for tab, (method, analysis) in zip(tabs, analyses.items()):
             with tab:
                 method_tab(method, analysis, dense, crop, loaded, slug)
-        diversity_section(analyses, dense, loaded, digest, settings.crop_pct, image)
+        diversity_section(analyses, dense, loaded, key, image)
     else:
         st.info("Choose one or more methods in the sidebar to see their pictures.")
     try:
-        comparison_section(digest, image, crop, loaded, settings, slug)
+        comparison_section(key, image, crop, loaded, settings, slug)
     except TokenscopeError as err:
         st.error(f"The comparison row cannot run: {err}. Change the keep rate or layers in the sidebar.")
     st.caption(badge)

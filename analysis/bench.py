@@ -39,12 +39,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .engine import PlanError, ReductionPlan, run, run_token_count_twin
-from .methods import METHODS, get_method
-from .models import LoadedModel, TokenscopeError
-
+from .engine import run, run_token_count_twin
+from .errors import BenchError, PlanError
 from .gmacs import plan_gmacs, token_counts
 from .lists import comma_list
+from .models import LoadedModel
+from .plan import ReductionPlan
+from .registry import get_method
 
 # The columns of results.csv, in order: the ones the issue names, then the spread and the context.
 CSV_COLUMNS: tuple[str, ...] = (
@@ -58,18 +59,14 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
-class BenchError(TokenscopeError):
-    """A benchmark request that cannot run: unknown method, empty or bad batch sizes, repeats < 1."""
-
-
 @dataclass(frozen=True)
 class BenchSetting:
     """One timed configuration: the dense model or one method at one keep rate (or ToMe's r).
 
     Attributes:
         method: "none" or a registered method name.
-        keep_rate: the plan's keep rate (1.0 for the dense model and for methods driven by r).
-        r: ToMe's merges per block, or None for methods driven by the keep rate.
+        keep_rate: the keep rate (of the plan, or of the budget a method without one meets).
+        r: the merges per block of a method driven by an `r` parameter (ToMe), or None.
         plan: the `ReductionPlan` that is run.
     """
 
@@ -162,32 +159,39 @@ def parse_list(text: str | Iterable, kind: type, what: str) -> list:
     return values
 
 
-def make_settings(methods: Iterable[str], keep_rates: Iterable[float] = (0.7,), r_values: Iterable[int] = (13,)) -> list[BenchSetting]:
+def make_settings(methods: Iterable[str], keep_rates: Iterable[float] = (0.7,), r_values: Iterable[int] = (13,),
+                  depth: int = 12, n0: int = 197, method_params: dict[str, dict[str, Any]] | None = None) -> list[BenchSetting]:
     """The settings to time: the dense model first (always, the speedups need it), then each
-    method at each keep rate, or at each r for methods driven by r (ToMe).
+    method at each keep rate; a method without a keep rate runs at each of `r_values` when it has
+    an `r` parameter (ToMe), else at each keep rate's budget (`Method.budget` for a model of
+    `depth` blocks and `n0` tokens).
 
     Raises:
-        BenchError: a method that is not registered (the message lists the registered ones), or
-            a keep rate outside (0, 1].
+        BenchError: a keep rate outside (0, 1].
+        PlanError: a method that is not registered (the message lists the registered ones), or a
+            bad method parameter.
     """
     settings = [BenchSetting("none", 1.0, None, ReductionPlan())]
+    rates = list(dict.fromkeys(float(rate) for rate in keep_rates))
+    for rate in rates:
+        if not 0.0 < rate <= 1.0:
+            raise BenchError(f"keep rate must be in (0, 1], got {rate}")
     for name in dict.fromkeys(m.strip() for m in methods if m.strip()):
         if name in ("none", "dense"):
             continue
-        if name not in METHODS:
-            raise BenchError(
-                f"method {name!r} is not registered in this tokenscope: choose from none, {', '.join(sorted(METHODS))}")
         method = get_method(name)
+        user = dict((method_params or {}).get(name, {}))
         if method.uses_keep_rate:
-            for rate in dict.fromkeys(float(rate) for rate in keep_rates):
-                if not 0.0 < float(rate) <= 1.0:
-                    raise BenchError(f"keep rate must be in (0, 1], got {rate}")
-                settings.append(BenchSetting(name, float(rate), None, ReductionPlan.make(name, float(rate))))
+            for rate in rates:
+                settings.append(BenchSetting(name, rate, None, ReductionPlan.make(name, rate, **user)))
+        elif method.param("r") is not None and "r" not in user:
+            for r in dict.fromkeys(int(r) for r in r_values):
+                settings.append(BenchSetting(name, 1.0, int(r), ReductionPlan.make(name, 1.0, **{**user, "r": int(r)})))
         else:
-            has_r = any(spec.name == "r" for spec in method.params)
-            for r in (list(dict.fromkeys(int(r) for r in r_values)) if has_r else [None]):
-                params = {} if r is None else {"r": int(r)}
-                settings.append(BenchSetting(name, 1.0, None if r is None else int(r), ReductionPlan.make(name, 1.0, **params)))
+            for rate in rates:
+                plan = method.budget(rate, depth, n0)
+                plan = ReductionPlan.make(plan.method, plan.keep_rate, plan.layers, **{**dict(plan.params), **user})
+                settings.append(BenchSetting(name, rate, None, plan))
     return settings
 
 

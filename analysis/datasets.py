@@ -17,20 +17,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .models import IMAGE_SUFFIXES, ImageLoadError, TokenscopeError, imagenet_wnids, load_image
+from .errors import DatasetError, ImageLoadError
+from .models import IMAGE_SUFFIXES, imagenet_wnids, load_image
 
 WNID = re.compile(r"^n\d{8}$")
 NUM_CLASSES = 1000
-
-
-class DatasetError(TokenscopeError):
-    """A folder that is not a labelled ImageNet-style dataset, or whose labels cannot be resolved."""
 
 
 @dataclass(frozen=True)
@@ -239,18 +236,23 @@ def collate_skipping(items: list[tuple]) -> Batch:
     return Batch(images, labels, indices, skipped)
 
 
-def make_loader(files: LabelledFiles, transform, batch_size: int = 64, workers: int = 2) -> DataLoader:
-    """A deterministic (unshuffled) DataLoader of `Batch`es with `workers` decoding processes."""
+def make_loader(files: LabelledFiles, transform, batch_size: int = 64, workers: int = 2,
+                indices: Sequence[int] | None = None) -> DataLoader:
+    """The one deterministic (unshuffled) DataLoader of `Batch`es that the sweep and the app use,
+    with `workers` decoding processes.
+
+    Args:
+        indices: the dataset positions to load, in order (default all; e.g. the rest of an
+            interrupted pass, or one process's shard).
+    Raises:
+        DatasetError: a batch size below 1 or a negative worker count.
+    """
     if batch_size < 1:
         raise DatasetError(f"--batch-size must be at least 1, got {batch_size}")
     if workers < 0:
         raise DatasetError(f"--workers must be 0 or more, got {workers}")
     return DataLoader(
         ImageDataset(files, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate_skipping, persistent_workers=False, prefetch_factor=4 if workers else None,
+        sampler=None if indices is None else list(indices), collate_fn=collate_skipping, persistent_workers=False,
+        prefetch_factor=4 if workers else None,
     )
-
-
-def iterate(files: LabelledFiles, transform, batch_size: int = 64, workers: int = 2) -> Iterator[Batch]:
-    """Yield the batches of `make_loader` (a convenience for scripts)."""
-    yield from make_loader(files, transform, batch_size, workers)

@@ -2,151 +2,23 @@
 `ReductionPlan` says, and records provenance for every stage.
 
 The model object is shared (every app session uses the same one) and is never modified: the plan
-is an argument of every call. Attention always goes through `F.scaled_dot_product_attention`; at a
-reducing block the class-attention row is computed on its own, O(N d) per head, so no N x N
-attention matrix is formed.
+is an argument of every call. Attention always goes through `F.scaled_dot_product_attention`; what
+a method needs from a reducing block (`Method.needs`: the class-attention row, keys, queries,
+values, or the full attention matrix) is computed on demand and only then, so the dense path is
+timm's own computation. The engine names no method: it reads everything from the registry.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .methods import METHODS, KINDS, ReduceContext, apply_assignment, get_method
-from .lists import comma_list
-from .models import TokenscopeError
-
-
-class PlanError(TokenscopeError):
-    """A reduction plan that cannot run: bad keep rate, layers, parameters or method."""
-
-
-def _freeze(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def parse_layers(text: str | None, what: str = "reduction layers") -> tuple[int, ...] | None:
-    """'4, 7, 10' -> (4, 7, 10), the 1-based reducing blocks as typed in the CLI or the app; None or
-    blank -> None (each method's default). Range and repeats are checked by `ReductionPlan.validate`.
-    Raises PlanError naming `what` for a part that is not an integer."""
-    if text is None:
-        return None
-    layers = comma_list(text, int, what, PlanError, "4,7,10", "block numbers")
-    return tuple(layers) or None
-
-
-@dataclass(frozen=True)
-class ReductionPlan:
-    """What to reduce, where and how; hashable so results can be cached by it.
-
-    Attributes:
-        method: a registered method name, or "none" for the dense model.
-        keep_rate: rho in (0, 1], the fraction of non-cls tokens kept at each stage.
-        layers: 1-based reducing blocks, or None for the method's default (4, 7, 10; every block
-            for ToMe).
-        params: the method's parameters as sorted (name, value) pairs; lists become tuples.
-    """
-
-    method: str = "none"
-    keep_rate: float = 1.0
-    layers: tuple[int, ...] | None = None
-    params: tuple[tuple[str, Any], ...] = ()
-
-    @classmethod
-    def make(cls, method: str = "none", keep_rate: float = 1.0, layers=None, **params: Any) -> "ReductionPlan":
-        """Build a plan from plain values (lists are frozen to tuples)."""
-        return cls(
-            method=method,
-            keep_rate=float(keep_rate),
-            layers=None if layers is None else tuple(int(layer) for layer in layers),
-            params=tuple(sorted((name, _freeze(value)) for name, value in params.items())),
-        )
-
-    @property
-    def is_dense(self) -> bool:
-        return self.method == "none"
-
-    def param_dict(self) -> dict[str, Any]:
-        """The method's parameters with its defaults filled in."""
-        if self.is_dense:
-            return {}
-        method = get_method(self.method)
-        values = {spec.name: spec.default for spec in method.params}
-        values.update(dict(self.params))
-        return values
-
-    def reducing_layers(self, depth: int) -> tuple[int, ...]:
-        """The 1-based reducing layers for a model of `depth` blocks."""
-        if self.is_dense:
-            return ()
-        if self.layers is not None:
-            return self.layers
-        default = get_method(self.method).default_layers
-        return tuple(range(1, depth + 1)) if default is None else default
-
-    def validate(self, depth: int) -> None:
-        """Raise PlanError with a one-line reason if the plan cannot run on `depth` blocks."""
-        if self.is_dense:
-            return
-        if self.method not in METHODS:
-            raise PlanError(f"unknown method {self.method!r}: choose none or one of {', '.join(sorted(METHODS))}")
-        method = get_method(self.method)
-        if not (0.0 < self.keep_rate <= 1.0):
-            raise PlanError(f"keep rate must be in (0, 1], got {self.keep_rate}")
-        layers = self.reducing_layers(depth)
-        if len(set(layers)) != len(layers):
-            raise PlanError(f"reduction layers must not repeat, got {','.join(map(str, layers))}")
-        bad = [layer for layer in layers if not 1 <= layer <= depth]
-        if bad:
-            raise PlanError(f"reduction layer {bad[0]} is out of range: this model has blocks 1..{depth}")
-        known = {spec.name: spec for spec in method.params}
-        for name, value in self.params:
-            if name not in known:
-                raise PlanError(f"{method.label} has no parameter {name!r} (it has: {', '.join(known) or 'none'})")
-            try:
-                known[name].parse(value)
-            except ValueError as err:
-                raise PlanError(str(err)) from None
-
-
-@dataclass
-class Stage:
-    """Provenance of one reduction stage (methods.md §7), for a batch.
-
-    Attributes:
-        layer: 1-based block index where the stage acted.
-        patch_to_token: [B, P] long, for every original patch (row-major) the token holding it
-            after the stage, -1 if discarded; 0 is cls, so patch tokens start at 1.
-        token_sizes: [B, n_out] long, patches held by each output token (cls holds none: 0).
-        token_kinds: [B, n_out] long codes into `KINDS`.
-        cls_attention: [B, P] float, class attention of the token that held each patch just
-            before the stage (NaN for a patch already discarded), or None for methods that do not
-            score by class attention.
-        patch_pruned: [B, P] bool, patches whose token was pruned at this stage and sent into
-            another token (fused or squeezed); the dispatch maps draw these.
-        patch_weight: [B, P] float, the share of each patch's source token in its destination
-            token (see `apply_assignment`).
-        extra: method-specific arrays (e.g. a predictor's keep score).
-    """
-
-    layer: int
-    patch_to_token: torch.Tensor
-    token_sizes: torch.Tensor
-    token_kinds: torch.Tensor
-    cls_attention: torch.Tensor | None = None
-    patch_pruned: torch.Tensor | None = None
-    patch_weight: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.token_kinds.shape[1])
-
-    def kind_names(self, index: int = 0) -> list[str]:
-        """The kinds of image `index`'s output tokens as names."""
-        return [KINDS[code] for code in self.token_kinds[index].tolist()]
+from .errors import PlanError
+from .methods.base import ReduceContext, apply_assignment
+from .plan import ReductionPlan
+from .provenance import Stage
 
 
 @dataclass
@@ -170,10 +42,10 @@ class Result:
     block_sizes: list[torch.Tensor] | None = None
 
 
-def _attention(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, want_cls: bool, want_keys: bool):
-    """timm's `Attention.forward`, plus the class-attention row and head-averaged keys on request.
+def _attention(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str]):
+    """timm's `Attention.forward`, plus what a method needs from it (`methods.base.NEEDS`).
 
-    Returns (output [B, N, C], cls_attention [B, N-1] or None, keys [B, N, d] or None).
+    Returns (output [B, N, C], features: a dict with one entry per name in `needs`).
     """
     attn = block.attn
     batch, n, _ = x.shape
@@ -181,14 +53,9 @@ def _attention(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    cls_attention = None
-    if want_cls:
-        # Only the cls query row: [B, H, 1, N], O(N d) per head (methods.md §1).
-        logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * attn.scale
-        if bias is not None:
-            logits = logits + bias.float()
-        cls_attention = logits.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
-    keys = k.mean(dim=1) if want_keys else None
+    features: dict[str, torch.Tensor] = {}
+    if needs:
+        features = _block_features(q, k, v, attn.scale, bias, needs)
     out = out.transpose(1, 2).reshape(batch, n, -1)
     norm = getattr(attn, "norm", None)
     if norm is not None:
@@ -197,7 +64,36 @@ def _attention(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | Non
     if gate is not None:
         out = out * gate(x).sigmoid()
     out = attn.proj_drop(attn.proj(out))
-    return out, cls_attention, keys
+    return out, features
+
+
+def _block_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                    needs: frozenset[str]) -> dict[str, torch.Tensor]:
+    """The attention quantities a method asked for, from q, k, v [B, H, N, d] (float32 scores)."""
+    features: dict[str, torch.Tensor] = {}
+    if "attention" in needs:
+        # The full post-softmax attention [B, H, N, N]: only for a method that declared it.
+        logits = (q.float() @ k.float().transpose(-2, -1)) * scale
+        if bias is not None:
+            logits = logits + bias.float()
+        features["attention"] = logits.softmax(dim=-1)
+        rows = features["attention"][:, :, :1]
+    elif needs & {"cls_attention", "cls_attention_heads"}:
+        # Only the cls query row: [B, H, 1, N], O(N d) per head (methods.md §1).
+        logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * scale
+        if bias is not None:
+            logits = logits + bias.float()
+        rows = logits.softmax(dim=-1)
+    if "cls_attention" in needs:
+        features["cls_attention"] = rows.mean(dim=1)[:, 0, 1:]
+    if "cls_attention_heads" in needs:
+        features["cls_attention_heads"] = rows[:, :, 0, 1:]
+    for name, tensor in (("keys", k), ("queries", q), ("values", v)):
+        if name in needs:
+            features[name] = tensor.mean(dim=1)
+        if f"{name}_heads" in needs:
+            features[f"{name}_heads"] = tensor
+    return features
 
 
 _IDENTITY = torch.nn.Identity()
@@ -212,10 +108,10 @@ def _embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
 
 
-def _attention_residual(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, want_cls: bool, want_keys: bool):
-    """The first half of a timm block, x + attention(norm1(x)); returns (x, cls_attention, keys) as `_attention`."""
-    attn_out, cls_attention, keys = _attention(block, block.norm1(x), bias, want_cls=want_cls, want_keys=want_keys)
-    return x + block.drop_path1(_layer_scale(block, "ls1")(attn_out)), cls_attention, keys
+def _attention_residual(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str] = frozenset()):
+    """The first half of a timm block, x + attention(norm1(x)); returns (x, features) as `_attention`."""
+    attn_out, features = _attention(block, block.norm1(x), bias, needs)
+    return x + block.drop_path1(_layer_scale(block, "ls1")(attn_out)), features
 
 
 def _mlp_residual(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +145,7 @@ def run(
     """
     depth = len(model.blocks)
     plan.validate(depth)
-    method = None if plan.is_dense else get_method(plan.method)
+    method = plan.spec()
     params = plan.param_dict()
     layers = plan.reducing_layers(depth)
     extras = extras or {}
@@ -270,12 +166,13 @@ def run(
     outputs: list[torch.Tensor] | None = [] if keep_block_outputs else None
     block_sizes: list[torch.Tensor] | None = [] if keep_block_outputs else None
 
-    def reduce(stage_index: int, block_index: int, cls_attention, keys) -> None:
+    def reduce(stage_index: int, block_index: int, features: dict[str, torch.Tensor]) -> None:
         nonlocal x, sizes, patch_to_token
         ctx = ReduceContext(
-            x=x, sizes=sizes, cls_attention=cls_attention, keys=keys, keep_rate=plan.keep_rate,
-            stage=stage_index, block_index=block_index, params=params, num_patches=num_patches, extras=extras,
+            x=x, sizes=sizes, keep_rate=plan.keep_rate, stage=stage_index, block_index=block_index, params=params,
+            num_patches=num_patches, depth=depth, layers=layers, extras=extras, **features,
         )
+        cls_attention = features.get("cls_attention")
         assignment = method.assign(ctx)
         if assignment is None:
             return
@@ -300,18 +197,17 @@ def run(
         patch_to_token = after
         stages.append(stage)
 
+    needs = frozenset(method.needs) if method is not None else frozenset()
     for block_index, block in enumerate(model.blocks):
         layer = block_index + 1
         stage_index = layers.index(layer) if layer in layers else -1
         if method is not None and method.acts == "before" and stage_index >= 0:
-            reduce(stage_index, block_index, None, None)
+            reduce(stage_index, block_index, {})
         inside = method is not None and method.acts == "inside" and stage_index >= 0
         bias = sizes.log().to(x.dtype)[:, None, None, :] if proportional else None
-        x, cls_attention, keys = _attention_residual(
-            block, x, bias, want_cls=inside and method.needs_cls_attention, want_keys=inside and method.needs_keys,
-        )
+        x, features = _attention_residual(block, x, bias, needs if inside else frozenset())
         if inside:
-            reduce(stage_index, block_index, cls_attention, keys)
+            reduce(stage_index, block_index, features)
         x = _mlp_residual(block, x)
         counts.append(int(x.shape[1]))
         if outputs is not None:
@@ -357,7 +253,7 @@ def run_token_count_twin(model: torch.nn.Module, images: torch.Tensor, counts: l
             raise PlanError(f"token counts must not grow: {count} after {x.shape[1]}")
         if acts == "before" and count < x.shape[1]:
             x = x[:, :count].contiguous()
-        x, _, _ = _attention_residual(block, x, None, want_cls=False, want_keys=False)
+        x, _ = _attention_residual(block, x, None)
         if acts == "inside" and count < x.shape[1]:
             x = x[:, :count].contiguous()
         x = _mlp_residual(block, x)

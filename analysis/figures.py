@@ -22,15 +22,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .models import TokenscopeError
+from .errors import FiguresError, TokenscopeError
 from .sweep import load_results
 
 FORMATS = ("pdf", "svg", "png")
 DPI = 300
-
-
-class FiguresError(TokenscopeError):
-    """Figures that cannot be made: no rows, no images for the grid, an unusable option."""
 
 
 def _mpl():
@@ -169,14 +165,18 @@ def figure_diversity(rows: Sequence[dict[str, Any]], keep_rate: float | None = N
 
 
 def _plan_for(row: dict[str, Any]):
-    from .engine import ReductionPlan
+    """The plan a results row ran: its `plan` record, or (older results files) rebuilt from its
+    method, keep rate and params (a method without a keep rate ran at 1.0)."""
+    from viz.charts import uses_keep_rate
 
+    from .plan import ReductionPlan
+
+    if row.get("plan"):
+        return ReductionPlan.from_record(row["plan"])
     if row["method"] == "none":
         return ReductionPlan()
-    params = dict(row.get("params") or {})
-    if row["method"] == "tome":
-        return ReductionPlan.make("tome", 1.0, None, **params)
-    return ReductionPlan.make(row["method"], row["keep_rate"], **params)
+    rate = row["keep_rate"] if uses_keep_rate(row) else 1.0
+    return ReductionPlan.make(row["method"], rate, None, **dict(row.get("params") or {}))
 
 
 def grid_images(content: dict[str, Any], images: Sequence[str | Path] | None = None, count: int = 4) -> list[Path]:
@@ -210,10 +210,12 @@ def figure_grid(loaded, rows: Sequence[dict[str, Any]], image_paths: Sequence[Pa
     reduction stage (BAT's visualisation figure). Runs the model (provenance), draws with viz."""
     import torch
 
-    from viz.overlays import StageRecord, merge_groups_view
+    from viz.charts import setting_label
+    from viz.overlays import merge_groups_view
     from viz.palette import method_colour
 
     from .engine import run
+    from .provenance import StageRecord
     from .models import crop_only_transform, load_image, make_transform
 
     plt = _mpl()
@@ -234,7 +236,7 @@ def figure_grid(loaded, rows: Sequence[dict[str, Any]], image_paths: Sequence[Pa
     titles = ["input"]
     for row in columns:
         result = run(model, batch, _plan_for(row), extras=loaded.extras, track=True)
-        titles.append(_label(row) + (f" (r={row['params'].get('r')})" if row["method"] == "tome" else ""))
+        titles.append(setting_label(row))
         for index, crop in enumerate(crops):
             if result.stages:
                 record = StageRecord.from_stage(result.stages[-1], index)

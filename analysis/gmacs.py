@@ -8,14 +8,15 @@ image. Counted, per block, from the token count the attention and the MLP really
 - MLP: `fc1` and `fc2` (N C 4C each for ViT);
 - the patch embedding (a convolution) and the classifier head;
 - the class-attention row at a reducing block of a method that scores by it (`(N) C`);
-- the method's own work (see `method_macs`), split into matrix products (class-attention row,
+- the method's own work (its `own_macs`, see `method_macs`), split into matrix products (class-attention row,
   similarity matrices, bipartite scores, predictor layers), pairwise distance matrices (DPC-kNN)
   and element-wise work (weighted sums of fused, squeezed or merged tokens).
 
 Not counted (as in fvcore's defaults that the papers used): LayerNorm, softmax, GELU, additions,
 top-k and sorting. `torch.utils.flop_counter.FlopCounterMode` counts only matrix products and
-convolutions (including `scaled_dot_product_attention`, not `torch.cdist`), so its total / 2 must
-equal `MACsBreakdown.matmul` (tests/test_gmacs.py checks every method within 2 %; they agree exactly).
+convolutions (including `scaled_dot_product_attention`, which `flop_counter` makes sure of; not
+`torch.cdist`), so its total / 2 must equal `MACsBreakdown.matmul` (tests/test_gmacs.py checks every
+method within 2 %; they agree exactly).
 
 Token counts come from one engine forward of a single seeded dummy image (`track=False`): every
 method here keeps a fixed count per stage, so one image gives the counts of every image.
@@ -24,12 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from .engine import ReductionPlan, run
-from .methods import get_method, kept_count
+from .engine import run
+from .methods.base import StageShape
+from .plan import ReductionPlan
+from .registry import get_method
 
 
 @dataclass
@@ -103,107 +106,42 @@ class MACsBreakdown:
         }
 
 
-@dataclass(frozen=True)
-class StageShape:
-    """What a method's cost depends on at one reducing block.
-
-    Attributes:
-        n_in / n_out: non-cls tokens before and after the reduction.
-        channels: C; heads: H (head dim C / H).
-        keep_rate: the plan's keep rate; params: the method's parameters (defaults filled in).
-        acted: False when the stage changed nothing (e.g. keep rate 1.0).
-    """
-
-    n_in: int
-    n_out: int
-    channels: int
-    heads: int
-    keep_rate: float
-    params: dict[str, Any]
-    acted: bool
-
-
-def _predictor(s: StageShape) -> float:
-    # methods.md §3: Linear(C,C), Linear(C,C/2), Linear(C/2,C/4), Linear(C/4,2) on every token
-    c = s.channels
-    return s.n_in * (c * c + c * (c // 2) + (c // 2) * (c // 4) + (c // 4) * 2)
-
-
-def _squeeze(s: StageShape) -> tuple[float, float]:
-    # cosine similarity of the m pruned tokens to the k hosts, then each host's weighted mix
-    m = s.n_in - s.n_out
-    return m * s.n_out * s.channels, (m + s.n_out) * s.channels
-
-
-def _evit(s: StageShape) -> tuple[float, float]:
-    fused = (s.n_in - kept_count(s.keep_rate, s.n_in)) * s.channels if s.acted and s.params.get("fuse", True) else 0
-    return 0.0, fused
-
-
-def _etps(s: StageShape) -> tuple[float, float]:
-    return _squeeze(s) if s.acted else (0.0, 0.0)
-
-
-def _dtps(s: StageShape) -> tuple[float, float]:
-    matmul, elementwise = _squeeze(s) if s.acted else (0, 0)
-    return _predictor(s) + matmul, elementwise
-
-
-def _dynamicvit(s: StageShape) -> tuple[float, float]:
-    return _predictor(s), 0.0
-
-
-def _bat(s: StageShape) -> tuple[float, float, float]:
-    if not s.acted:
-        return 0.0, 0.0, 0.0
-    attentive = kept_count(s.keep_rate, s.n_in)
-    inattentive = s.n_in - attentive
-    d = s.channels if s.params.get("match_on") == "hidden" else s.channels // s.heads
-    distances = inattentive * inattentive * s.channels               # DPC-kNN on the inattentive tokens
-    matching = math.ceil(attentive / 2) * (attentive // 2) * d        # bipartite matching on the attentive keys
-    return matching, s.n_in * s.channels, distances                   # every token enters one weighted mean
-
-
-def _dpc(s: StageShape) -> tuple[float, float, float]:
-    if not s.acted:
-        return 0.0, 0.0, 0.0
-    return 0.0, s.n_in * s.channels, s.n_in * s.n_in * s.channels
-
-
-def _tome(s: StageShape) -> tuple[float, float]:
-    if not s.acted:
-        return 0.0, 0.0
-    n = s.n_in + 1                                                    # ToMe's split includes cls
-    d = s.channels // s.heads
-    return math.ceil(n / 2) * (n // 2) * d, (s.n_in - s.n_out) * s.channels
-
-
-# The reduction's own work per method name: StageShape -> (matrix products, element-wise[, distances]) MACs.
-# A method class may instead define `own_macs(stage_shape)` returning the same tuple.
-METHOD_WORK: dict[str, Callable[[StageShape], tuple[float, float]]] = {
-    "evit": _evit,
-    "etps": _etps,
-    "dtps": _dtps,
-    "dynamicvit": _dynamicvit,
-    "bat": _bat,
-    "dpc": _dpc,
-    "tome": _tome,
-}
-
-
 def method_macs(method_name: str, shape: StageShape) -> tuple[float, float, float]:
-    """The reduction's own MACs at one stage: (matrix products, element-wise, distance matrices), per image.
+    """The reduction's own MACs at one stage: (matrix products, element-wise, distance matrices), per
+    image, from the method's `own_macs` (a missing third entry is 0)."""
+    values = [float(v) for v in get_method(method_name).own_macs(shape)]
+    values += [0.0] * (3 - len(values))
+    return values[0], values[1], values[2]
 
-    Uses the method's `own_macs` when it defines one, else `METHOD_WORK`; an unknown method
-    without either is counted as free (0, 0, 0).
-    """
-    method = get_method(method_name)
-    own = getattr(method, "own_macs", None)
-    work = own if callable(own) else METHOD_WORK.get(method_name)
-    if work is None:
-        return 0.0, 0.0, 0.0
-    values = [float(v) for v in work(shape)]
-    return values[0], values[1], values[2] if len(values) > 2 else 0.0
+
+def needs_macs(needs: frozenset[str], n_tokens: int, width: int) -> float:
+    """MACs of what the engine computes for a method's `needs` at one block (methods.md §8), per
+    image: the full attention matrix Q K^T (N^2 C) when asked for, else the class-attention row
+    (N C) when that is asked for; head averages of keys, queries and values are additions (free)."""
+    if "attention" in needs:
+        return float(n_tokens * n_tokens * width)
+    if needs & {"cls_attention", "cls_attention_heads"}:
+        return float(n_tokens * width)
+    return 0.0
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter():
+    """A `torch.utils.flop_counter.FlopCounterMode` (display off) that also counts the CPU's fused
+    attention kernel: some torch releases (2.14) count `scaled_dot_product_attention` only on CUDA,
+    so on the CPU they miss the 2 N^2 C attention products of every block. FLOPs = 2 x MACs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    cpu_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_op is not None:
+        mapping[cpu_op] = _sdpa_cpu_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def _dummy_image(model: torch.nn.Module) -> torch.Tensor:
@@ -251,7 +189,7 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
     patch_embed = float(embed.num_patches * kernel.numel())
     head = _linear_macs(getattr(model, "head", None))
     breakdown = MACsBreakdown(plan=plan, patch_embed=patch_embed, head=head)
-    method = None if plan.is_dense else get_method(plan.method)
+    method = plan.spec()
     layers = plan.reducing_layers(depth)
     params = plan.param_dict()
     previous = n0
@@ -271,12 +209,12 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
         if reducing:
             shape = StageShape(
                 n_in=previous - 1, n_out=after - 1, channels=int(model.embed_dim), heads=int(attn.num_heads),
-                keep_rate=plan.keep_rate, params=params, acted=after != previous,
+                keep_rate=plan.keep_rate, params=params, acted=after != previous, stage=layers.index(layer), layer=layer,
             )
             entry.method_matmul, entry.method_elementwise, entry.method_distances = method_macs(plan.method, shape)
-            if method.acts == "inside" and method.needs_cls_attention:
-                # the engine computes the class-attention row on its own: q_cls k^T, (n + 1) d per head
-                entry.method_matmul += n_attention * width
+            if method.acts == "inside":
+                # what the engine computes for the method's needs (e.g. q_cls k^T: (n + 1) d per head)
+                entry.method_matmul += needs_macs(frozenset(method.needs), n_attention, width)
         breakdown.blocks.append(entry)
         previous = after
     return breakdown

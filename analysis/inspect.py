@@ -1,41 +1,26 @@
-"""One image (or a few) through the dense and the reduced model: predictions, token counts and
-provenance, as plain records the CLI prints and the app draws."""
+"""One image (or a few) through a reduction plan: the per-image analysis that both `inspect` (CLI)
+and the app's main page show, as plain values (numpy arrays and Python numbers).
+
+`analyse_images` runs the reduced model once over the batch (provenance tracked, block outputs
+kept) and, on request, the dense model once, and returns one `ImageAnalysis` per image:
+predictions, token counts, per-stage provenance (`StageRecord`), GMACs and the block outputs from
+which the diversity r(Z) is computed on demand. `ImageAnalysis.to_json` is the `inspect --json`
+record (README, "a public interface").
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from .engine import ReductionPlan, Result, run
-from .models import LoadedModel, imagenet_labels, preprocess
-
-
-@dataclass
-class Inspection:
-    """A reduced and a dense forward pass over the same batch.
-
-    Attributes:
-        images: [B, 3, H, W] the normalised model input (CPU).
-        reduced: the reduced run (provenance tracked, block outputs kept).
-        dense: the dense run of the same input.
-    """
-
-    images: torch.Tensor
-    reduced: Result
-    dense: Result
-
-
-def inspect_batch(loaded: LoadedModel, images: list, plan: ReductionPlan, crop_pct: float | None = None) -> Inspection:
-    """Preprocess PIL images with the model's data config and run the dense and the reduced model.
-
-    Raises PlanError when the plan does not fit the model.
-    """
-    batch = preprocess(images, loaded.model, crop_pct)
-    device_batch = batch.to(loaded.device)
-    reduced = run(loaded.model, device_batch, plan, extras=loaded.extras, keep_block_outputs=True)
-    dense = reduced if plan.is_dense else run(loaded.model, device_batch, ReductionPlan(), track=False)
-    return Inspection(images=batch, reduced=reduced, dense=dense)
+from .diversity import diversity_of_blocks
+from .engine import Result, run
+from .gmacs import gmacs_report
+from .models import LoadedModel, data_config, imagenet_labels, preprocess
+from .plan import ReductionPlan
+from .provenance import StageRecord
 
 
 def top_k(logits: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
@@ -52,33 +37,104 @@ def top_k(logits: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
     ]
 
 
-def stage_records(result: Result, index: int) -> list[dict[str, Any]]:
-    """The JSON records of image `index`'s stages: layer, patch_to_token, token_sizes, token_kinds,
-    plus `dispatch` for methods that squeeze pruned tokens into hosts."""
-    records = []
-    for stage in result.stages:
-        record: dict[str, Any] = {
-            "layer": stage.layer,
-            "patch_to_token": stage.patch_to_token[index].tolist(),
-            "token_sizes": stage.token_sizes[index].tolist(),
-            "token_kinds": stage.kind_names(index),
+@dataclass
+class ImageAnalysis:
+    """One image through one ReductionPlan, reduced to what the CLI prints and the app draws.
+
+    Attributes:
+        plan: the plan that ran.
+        token_counts: tokens (cls included) leaving each block.
+        stages: one `StageRecord` per reduction stage (provenance, methods.md §7).
+        top5: the 5 most probable ImageNet classes as {index, label, prob}.
+        dense_top5: the same for the dense model, when it was run (else None).
+        gmacs: `gmacs_report` of the plan with the observed token counts: {"gmacs", "dense_gmacs",
+            "reduction_pct"}, GMACs per image.
+        block_outputs: per block, the [N_i, C] float32 tokens leaving it, cls token at index 0.
+        block_sizes: per block, the [N_i] patches held by each token (cls included).
+    """
+
+    plan: ReductionPlan
+    token_counts: list[int]
+    stages: list[StageRecord]
+    top5: list[dict[str, Any]]
+    gmacs: dict[str, float]
+    block_outputs: list[np.ndarray]
+    block_sizes: list[np.ndarray]
+    dense_top5: list[dict[str, Any]] | None = None
+
+    def diversity(self, centre: str = "medoid", size_weighted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(raw, per-token) r(Z) of each block's output (methods.md §5), each [depth] float64, by
+        `analysis.diversity.diversity_of_blocks` on the stored block outputs.
+
+        Args:
+            centre: "medoid" (one of the tokens, BAT's definition) or "median" (free centre).
+            size_weighted: a token counts once per patch it holds; per-token values then divide by
+                the total size instead of the number of non-cls tokens.
+        Raises:
+            ValueError: an unknown centre.
+        """
+        outputs = [torch.from_numpy(output).unsqueeze(0) for output in self.block_outputs]
+        sizes = [torch.from_numpy(size).unsqueeze(0) for size in self.block_sizes]
+        raw, per_token = diversity_of_blocks(outputs, sizes, centre, bool(size_weighted))
+        return raw[0], per_token[0]
+
+    def to_json(self, file: str, loaded: LoadedModel, crop_pct: float) -> dict[str, Any]:
+        """The `inspect --json` record of this image (README: one object per image)."""
+        return {
+            "file": file,
+            "model": loaded.name,
+            "weights": loaded.weights_label,
+            "method": self.plan.method,
+            "params": self.plan.resolved(len(loaded.model.blocks)),
+            "device": loaded.device,
+            "crop_pct": crop_pct,
+            "token_counts": self.token_counts,
+            "stages": [stage.to_json() for stage in self.stages],
+            "top5": self.top5,
+            "dense_top5": self.dense_top5,
+            "diversity": [round(float(value), 6) for value in self.diversity()[0]],
+            "gmacs": round(self.gmacs["gmacs"], 6),
+            "dense_gmacs": round(self.gmacs["dense_gmacs"], 6),
         }
-        if "dispatch" in stage.extra and stage.patch_pruned is not None:
-            pruned = stage.patch_pruned[index].nonzero().flatten().tolist()
-            hosts = stage.patch_to_token[index]
-            weights = stage.patch_weight[index]
-            record["dispatch"] = [
-                {"patch": p, "host_token": int(hosts[p]), "weight": round(float(weights[p]), 6)} for p in pruned
-            ]
-        records.append(record)
-    return records
 
 
-def plan_params(plan: ReductionPlan, depth: int) -> dict[str, Any]:
-    """The plan as the JSON `params` object: keep_rate, layers and the method's parameters."""
-    if plan.is_dense:
-        return {}
-    params: dict[str, Any] = {"keep_rate": plan.keep_rate, "layers": list(plan.reducing_layers(depth))}
-    for name, value in plan.param_dict().items():
-        params[name] = list(value) if isinstance(value, tuple) else value
-    return params
+def analyse_result(result: Result, index: int, gmacs: dict[str, float], dense_top5: list | None = None,
+                   top5: list | None = None) -> ImageAnalysis:
+    """The analysis of image `index` of an engine `Result` run with keep_block_outputs=True.
+
+    Raises ValueError when the result holds no block outputs."""
+    if result.block_outputs is None:
+        raise ValueError("the result has no block outputs: run the engine with keep_block_outputs=True")
+    return ImageAnalysis(
+        plan=result.plan,
+        token_counts=list(result.token_counts),
+        stages=[StageRecord.from_stage(stage, index) for stage in result.stages],
+        top5=top5 if top5 is not None else top_k(result.logits[index:index + 1], 5)[0],
+        gmacs=gmacs,
+        block_outputs=[output[index].detach().float().cpu().numpy() for output in result.block_outputs],
+        block_sizes=[sizes[index].detach().cpu().numpy() for sizes in result.block_sizes],
+        dense_top5=dense_top5,
+    )
+
+
+def analyse_images(loaded: LoadedModel, images: list, plan: ReductionPlan, crop_pct: float | None = None,
+                   dense: bool = True) -> list[ImageAnalysis]:
+    """Preprocess PIL images with the model's data config, run `plan` once over the batch (and the
+    dense model once, if `dense`), and return one `ImageAnalysis` per image.
+
+    Raises PlanError when the plan does not fit the model or the method cannot run.
+    """
+    batch = preprocess(images, loaded.model, crop_pct).to(loaded.device)
+    reduced = run(loaded.model, batch, plan, extras=loaded.extras, keep_block_outputs=True)
+    dense_top5 = None
+    if dense:
+        dense_logits = reduced.logits if plan.is_dense else run(loaded.model, batch, ReductionPlan(), track=False).logits
+        dense_top5 = top_k(dense_logits, 5)
+    cost = gmacs_report(loaded.model, plan, loaded.extras, list(reduced.token_counts))
+    top5 = top_k(reduced.logits, 5)
+    return [analyse_result(reduced, index, cost, dense_top5[index] if dense_top5 else None, top5[index]) for index in range(len(images))]
+
+
+def crop_pct_used(loaded: LoadedModel, crop_pct: float | None) -> float:
+    """The centre-crop fraction a run uses: `crop_pct`, else the model's timm data config's."""
+    return data_config(loaded.model, crop_pct)["crop_pct"]

@@ -20,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import timm
 import timm.data
 
+from .errors import ImageLoadError, ModelError, TokenscopeError, WeightsError  # noqa: F401  (re-exported)
+
 # Offered in the app and accepted by the CLI (any timm ViT with a class token also works in the CLI).
 MODEL_CHOICES: tuple[str, ...] = (
     "deit_small_patch16_224",
@@ -32,22 +34,6 @@ MODEL_CHOICES: tuple[str, ...] = (
 DEFAULT_MODEL = "deit_small_patch16_224"
 PAPER_CROP_PCT = 0.875  # DeiT / EViT / ToMe evaluate with Resize(256) -> CenterCrop(224)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-
-
-class TokenscopeError(Exception):
-    """Base class of every error tokenscope reports to a user as one line (CLI exit 2, app st.error)."""
-
-
-class ImageLoadError(TokenscopeError):
-    """An image file is missing, empty, corrupt, not an image, or over PIL's decompression-bomb limit."""
-
-
-class WeightsError(TokenscopeError):
-    """Weights cannot be obtained (no network and no cache) or do not fit the architecture."""
-
-
-class ModelError(TokenscopeError):
-    """The model name is unknown to timm or is not a ViT with a class token."""
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,21 @@
 """Accuracy, GMACs, diversity and throughput of every method x keep rate over a labelled folder.
 
-`run_sweep` loads each image batch once (DataLoader workers decode in parallel) and evaluates every
-pending setting on it. Throughput is measured per setting: only that setting's engine forward is
-timed (wall clock, CUDA synchronised), after an untimed warm-up forward; data loading, accuracy
-and diversity bookkeeping are outside the timed region, so `images_per_s` is the model's speed
-under that plan on this machine.
+A sweep is three parts:
+1. **Batch iteration** (`run_sweep`'s loop): each image batch is loaded once, by the one DataLoader
+   helper (`datasets.make_loader`), and every pending setting runs on it. Only the setting's engine
+   forward is timed (wall clock, CUDA synchronised), after an untimed warm-up forward.
+2. **Accumulators**, one set per setting (`Accumulator`: `update(observation)`, `merge(other)`,
+   `row()`, `state()`): accuracy, timing, diversity and token counts. They keep sums and counts,
+   never means, so `merge` is exact: two halves of a folder merged give the whole folder's row.
+   A new measure is a new accumulator in `ACCUMULATORS`; the loop does not change.
+3. **Resume and writing**: `results.json` (every field of a `SweepRow`, and the run's
+   configuration) and `results.csv` (the `CSV_COLUMNS`, derived from `SweepRow`'s fields). A row's
+   `key` identifies its setting; a rerun with the same output folder skips finished keys, and a pass
+   interrupted midway resumes from `partial.json` (the accumulators' states), batch by batch.
 
-Results go to `results.json` (rows with every field, diversity per layer included, and the run's
-configuration) and `results.csv` (the scalar columns). A row's `key` identifies its setting
-(model, weights, method, keep rate, params, crop, limit, data folder, diversity options); a
-rerun with the same output folder skips every finished key, and a pass interrupted midway resumes
-from `partial.json`, batch by batch. Everything is deterministic: no shuffling, no sampling.
-
-ToMe has no keep rate: its `r` is matched to each keep rate's budget with
-`analysis.methods.tome.r_for_keep_rate` (the constant r whose total token count over the blocks
-best matches EViT's selection at that keep rate), and the r used goes into the row's `params`.
+Every method meets each keep rate's budget through its own `Method.budget` (keep-rate methods run
+at that keep rate; ToMe picks the r whose token budget matches); the plan's explicit parameters go
+into the row's `params`. Everything is deterministic: no shuffling, no sampling.
 """
 from __future__ import annotations
 
@@ -25,31 +26,28 @@ import json
 import math
 import os
 import time
-from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from .datasets import ImageDataset, collate_skipping, resolve_dataset
-from .diversity import diversity_per_block_both
-from .engine import ReductionPlan, run
+from .datasets import Batch, LabelledFiles, make_loader, resolve_dataset
+from .diversity import diversity_of_blocks
+from .engine import Result, run
+from .errors import SweepError
 from .gmacs import plan_gmacs
-from .methods import METHODS, get_method
-from .models import LoadedModel, TokenscopeError, data_config, load_model, make_transform
+from .models import LoadedModel, data_config, load_model, make_transform
+from .plan import DENSE, ReductionPlan
+from .registry import all_methods, get_method
 
-CSV_COLUMNS = (
-    "model", "method", "keep_rate", "params", "top1", "top5", "n_images", "n_skipped", "gmacs", "images_per_s",
-    "label", "weights", "dense_gmacs", "gmacs_reduction_pct", "crop_pct", "limit", "device", "diversity_mean",
-)
-DENSE = "none"
+SCHEDULES = ("constant", "matched")
 
 
-class SweepError(TokenscopeError):
-    """A sweep that cannot run: an unknown or unavailable method, a bad keep rate or option."""
+def default_methods() -> tuple[str, ...]:
+    """A sweep's default methods: the registered methods marked `in_default_sweep`."""
+    return tuple(name for name, method in all_methods().items() if method.in_default_sweep)
 
 
 @dataclass(frozen=True)
@@ -58,19 +56,22 @@ class Setting:
 
     Attributes:
         method: registered method name, or "none" (the dense model).
-        keep_rate: the keep rate (for ToMe: the keep rate whose budget its r matches).
-        plan: the engine plan.
-        params: what the row records (ToMe: {"r": ...}; otherwise the plan's explicit parameters).
+        keep_rate: the keep rate whose budget the setting meets.
+        plan: the engine plan (`Method.budget` at that keep rate, plus the user's parameters).
     """
 
     method: str
     keep_rate: float
     plan: ReductionPlan
-    params: tuple[tuple[str, Any], ...] = ()
 
     @property
     def label(self) -> str:
         return "Dense" if self.method == DENSE else get_method(self.method).label
+
+    @property
+    def params(self) -> tuple[tuple[str, Any], ...]:
+        """What the row records as `params`: the plan's explicitly set parameters."""
+        return self.plan.params
 
     def params_dict(self) -> dict[str, Any]:
         return {name: (list(value) if isinstance(value, tuple) else value) for name, value in self.params}
@@ -84,6 +85,7 @@ class SweepConfig:
         data: the dataset folder; labels: optional ground-truth file (flat layout).
         model, weights, device: as `load_model`.
         methods: method names ("none" = dense); keep_rates: each in (0, 1].
+        method_params: per method, parameters set by the user ({"bat": {"beta": 0.3}}).
         crop_pct: centre-crop fraction (None: the model's timm data config).
         limit: at most this many images (evenly spaced, see `LabelledFiles.subset`).
         batch_size, workers: the DataLoader's.
@@ -91,14 +93,17 @@ class SweepConfig:
         diversity_centre: "medoid" or "median"; diversity_size_weighted: weight tokens by size.
         diversity_images: r(Z) is averaged over this many images, evenly spaced over the files
             (it costs about as much as the forward pass on a CPU); None = every image.
-        tome_schedule: "constant" (one r for every block) or "matched" (a per-block r list).
+        budget_schedule: for methods with their own budget parameter (ToMe's r): "constant" (one
+            value for every block) or "matched" (per block), see `Method.budget`.
+        checkpoint_every: batches between partial.json saves (None: about every 256 images).
     """
 
     data: str
     model: str = "deit_small_patch16_224"
     weights: str = "pretrained"
-    methods: tuple[str, ...] = ("evit", "etps", "bat", "dpc", "tome")
+    methods: tuple[str, ...] = field(default_factory=default_methods)
     keep_rates: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     crop_pct: float | None = None
     limit: int | None = None
     batch_size: int = 64
@@ -108,32 +113,25 @@ class SweepConfig:
     labels: str | None = None
     diversity_centre: str = "medoid"
     diversity_size_weighted: bool = False
-    tome_schedule: str = "constant"
-    diversity_images: int | None = 500  # images whose r(Z) is averaged (evenly spaced; None = all)
-    checkpoint_every: int | None = None  # batches between partial.json saves (None: about every 256 images)
-
-
-def tome_r_for(keep_rate: float, depth: int, n0: int, schedule: str = "constant"):
-    """ToMe's r at a keep rate's budget (EViT's selection, no fused token, at layers 4, 7, 10)."""
-    from .methods.tome import r_for_keep_rate
-
-    try:
-        return r_for_keep_rate(keep_rate, depth=depth, n0=n0, layers=(4, 7, 10), fuse=False, schedule=schedule)
-    except ValueError as err:
-        raise SweepError(f"--tome-schedule: {err}") from None
+    budget_schedule: str = "constant"
+    diversity_images: int | None = 500
+    checkpoint_every: int | None = None
 
 
 def build_settings(methods: tuple[str, ...], keep_rates: tuple[float, ...], loaded: LoadedModel,
-                   tome_schedule: str = "constant") -> list[Setting]:
+                   schedule: str = "constant", method_params: dict[str, dict[str, Any]] | None = None) -> list[Setting]:
     """Every method x keep rate as a `Setting`, validated against the model before any work.
 
-    Raises SweepError for an unknown method (naming the registered ones), a method that cannot run
-    with the loaded weights (e.g. dTPS without its predictor), or a keep rate outside (0, 1].
+    Raises SweepError for a method that cannot run with the loaded weights (e.g. dTPS without its
+    predictor), a keep rate outside (0, 1] or an unknown schedule; PlanError for an unknown method
+    (naming the registered ones) or a bad method parameter.
     """
     if not methods:
         raise SweepError("no methods given: pass --methods, e.g. evit,etps,bat,dpc,tome")
     if not keep_rates:
         raise SweepError("no keep rates given: pass --keep-rates, e.g. 1.0,0.9,0.8,0.7,0.6,0.5")
+    if schedule not in SCHEDULES:
+        raise SweepError(f"budget schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     for rate in keep_rates:
         if not (0.0 < rate <= 1.0) or math.isnan(rate):
             raise SweepError(f"keep rate must be in (0, 1], got {rate}")
@@ -145,21 +143,17 @@ def build_settings(methods: tuple[str, ...], keep_rates: tuple[float, ...], load
         if name == DENSE:
             settings.append(Setting(DENSE, 1.0, ReductionPlan()))
             continue
-        if name not in METHODS:
-            raise SweepError(
-                f"method {name!r} is not registered (yet): choose from {', '.join(sorted(METHODS))} or 'none' for the dense model")
-        reason = get_method(name).unavailable_reason(loaded.extras)
+        method = get_method(name)
+        reason = method.unavailable_reason(loaded.extras)
         if reason:
-            raise SweepError(f"{get_method(name).label} cannot run in this sweep: {reason}")
+            raise SweepError(f"{method.label} cannot run in this sweep: {reason}")
+        user = dict((method_params or {}).get(name, {}))
         for rate in keep_rates:
-            if name == "tome":
-                r = tome_r_for(rate, depth, n0, tome_schedule)
-                plan = ReductionPlan.make("tome", 1.0, None, r=r)
-                settings.append(Setting(name, float(rate), plan, (("r", r),)))
-            else:
-                plan = ReductionPlan.make(name, rate)
-                settings.append(Setting(name, float(rate), plan, plan.params))
-            settings[-1].plan.validate(depth)
+            plan = method.budget(float(rate), depth, n0, schedule=schedule)
+            if user:
+                plan = ReductionPlan.make(plan.method, plan.keep_rate, plan.layers, **{**dict(plan.params), **user})
+            plan.validate(depth)
+            settings.append(Setting(name, float(rate), plan))
     return settings
 
 
@@ -171,32 +165,317 @@ def setting_key(config: SweepConfig, setting: Setting, data_root: Path) -> str:
         "labels": config.labels, "centre": config.diversity_centre, "size_weighted": config.diversity_size_weighted,
         "diversity_images": config.diversity_images,
     }
+    layers = setting.plan.layers
+    if layers is not None:
+        payload["layers"] = list(layers)
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------------------------
+# Accumulators
+# ----------------------------------------------------------------------------------------------
+
 @dataclass
-class _Tally:
+class Observation:
+    """One setting's forward over one batch, as the accumulators see it.
+
+    Attributes:
+        result: the engine `Result` (block outputs kept when an accumulator asked for them).
+        batch: the `Batch` (labels, dataset indices).
+        seconds: wall time of the timed forward.
+    """
+
+    result: Result
+    batch: Batch
+    seconds: float
+
+
+class Accumulator:
+    """A per-setting measure summed over batches.
+
+    Subclasses are dataclasses of plain numbers and lists (their state) and implement `update`,
+    `merge` and `row`. `needs_block_outputs(indices)` tells the loop whether this batch's forward
+    must keep block outputs. Everything is kept as sums and counts so `merge` is exact.
+    """
+
+    name: ClassVar[str] = ""
+
+    def needs_block_outputs(self, indices: torch.Tensor) -> bool:
+        return False
+
+    def update(self, obs: Observation) -> None:
+        raise NotImplementedError
+
+    def merge(self, other: "Accumulator") -> None:
+        raise NotImplementedError
+
+    def row(self) -> dict[str, Any]:
+        """The row fields this accumulator contributes."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], context: "SweepContext") -> "Accumulator":
+        acc = cls.create(context)
+        for name, value in state.items():
+            setattr(acc, name, value)
+        return acc
+
+    @classmethod
+    def create(cls, context: "SweepContext") -> "Accumulator":
+        return cls()
+
+
+@dataclass
+class SweepContext:
+    """What accumulators may need to set themselves up: the config and the files."""
+
+    config: SweepConfig
+    files: LabelledFiles
+
+
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+    hits = top5 == labels.unsqueeze(1)
+    return int(hits[:, 0].sum()), int(hits.any(1).sum())
+
+
+@dataclass
+class AccuracyAccumulator(Accumulator):
+    """Top-1 / top-5 hits and images seen."""
+
+    name: ClassVar[str] = "accuracy"
     correct1: int = 0
     correct5: int = 0
     seen: int = 0
+
+    def update(self, obs: Observation) -> None:
+        c1, c5 = _topk_correct(obs.result.logits, obs.batch.labels)
+        self.correct1 += c1
+        self.correct5 += c5
+        self.seen += int(obs.batch.labels.numel())
+
+    def merge(self, other: "AccuracyAccumulator") -> None:
+        self.correct1 += other.correct1
+        self.correct5 += other.correct5
+        self.seen += other.seen
+
+    def row(self) -> dict[str, Any]:
+        nan = float("nan")
+        return {"top1": 100.0 * self.correct1 / self.seen if self.seen else nan,
+                "top5": 100.0 * self.correct5 / self.seen if self.seen else nan,
+                "n_images": self.seen, "correct1": self.correct1, "correct5": self.correct5}
+
+
+@dataclass
+class TimingAccumulator(Accumulator):
+    """Seconds of timed forwards and the images they processed."""
+
+    name: ClassVar[str] = "timing"
     seconds: float = 0.0
-    timed: int = 0
+    images: int = 0
     batches: int = 0
-    diversity_seen: int = 0
+
+    def update(self, obs: Observation) -> None:
+        self.seconds += obs.seconds
+        self.images += int(obs.batch.labels.numel())
+        self.batches += 1
+
+    def merge(self, other: "TimingAccumulator") -> None:
+        self.seconds += other.seconds
+        self.images += other.images
+        self.batches += other.batches
+
+    def row(self) -> dict[str, Any]:
+        return {"images_per_s": self.images / self.seconds if self.seconds > 0 else float("nan"), "seconds": self.seconds,
+                "timed_batches": self.batches}
+
+
+@dataclass
+class TokenCountAccumulator(Accumulator):
+    """Tokens leaving each block, summed over images (the mean per image is sum / images)."""
+
+    name: ClassVar[str] = "tokens"
+    sums: list[float] = field(default_factory=list)
+    images: int = 0
+
+    def update(self, obs: Observation) -> None:
+        count = int(obs.batch.labels.numel())
+        counts = np.asarray(obs.result.token_counts, dtype=np.float64) * count
+        self.sums = counts.tolist() if not self.sums else (np.asarray(self.sums) + counts).tolist()
+        self.images += count
+
+    def merge(self, other: "TokenCountAccumulator") -> None:
+        if other.sums:
+            self.sums = list(other.sums) if not self.sums else (np.asarray(self.sums) + np.asarray(other.sums)).tolist()
+        self.images += other.images
+
+    def mean_counts(self) -> list[float]:
+        return [value / self.images for value in self.sums] if self.images else []
+
+    def row(self) -> dict[str, Any]:
+        mean = self.mean_counts()
+        exact = [int(round(v)) for v in mean]
+        return {"token_counts": exact if np.allclose(mean, exact) else mean}
+
+
+@dataclass
+class DiversityAccumulator(Accumulator):
+    """The sums of r(Z) per block (raw and per token) over the evenly spaced diversity images."""
+
+    name: ClassVar[str] = "diversity"
+    chosen: list[int] = field(default_factory=list)
+    centre: str = "medoid"
+    size_weighted: bool = False
+    seen: int = 0
+    raw: list[float] = field(default_factory=list)
+    per_token: list[float] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, context: SweepContext) -> "DiversityAccumulator":
+        config, n = context.config, len(context.files)
+        count = n if config.diversity_images is None else min(n, max(0, config.diversity_images))
+        chosen = np.unique(np.linspace(0, n - 1, count).round().astype(np.int64)).tolist() if count else []
+        return cls(chosen=chosen, centre=config.diversity_centre, size_weighted=config.diversity_size_weighted)
+
+    def _mask(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.isin(indices, torch.tensor(self.chosen, dtype=torch.long))
+
+    def needs_block_outputs(self, indices: torch.Tensor) -> bool:
+        return bool(self.chosen) and bool(self._mask(indices).any())
+
+    def update(self, obs: Observation) -> None:
+        if not self.chosen or obs.result.block_outputs is None:
+            return
+        chosen = self._mask(obs.batch.indices).to(obs.result.logits.device)
+        if not chosen.any():
+            return
+        raw, per_token = diversity_of_blocks([o[chosen] for o in obs.result.block_outputs],
+                                             [z[chosen] for z in obs.result.block_sizes], self.centre, self.size_weighted)
+        self._add(raw.sum(0), per_token.sum(0), raw.shape[0])
+
+    def _add(self, raw: np.ndarray, per_token: np.ndarray, count: int) -> None:
+        if count == 0:
+            return
+        self.seen += count
+        self.raw = np.asarray(raw).tolist() if not self.raw else (np.asarray(self.raw) + raw).tolist()
+        self.per_token = np.asarray(per_token).tolist() if not self.per_token else (np.asarray(self.per_token) + per_token).tolist()
+
+    def merge(self, other: "DiversityAccumulator") -> None:
+        if other.seen:
+            self._add(np.asarray(other.raw), np.asarray(other.per_token), other.seen)
+
+    def row(self) -> dict[str, Any]:
+        seen = max(self.seen, 1)
+        diversity = (np.asarray(self.raw) / seen).tolist() if self.raw else []
+        per_token = (np.asarray(self.per_token) / seen).tolist() if self.per_token else []
+        return {"diversity": diversity, "diversity_per_token": per_token,
+                "diversity_mean": float(np.mean(diversity)) if diversity else float("nan"),
+                "diversity_images": self.seen, "diversity_centre": self.centre, "diversity_size_weighted": self.size_weighted}
+
+
+# Every setting gets one of each (in this order); a new measure is a new entry here.
+ACCUMULATORS: tuple[type[Accumulator], ...] = (AccuracyAccumulator, TimingAccumulator, TokenCountAccumulator, DiversityAccumulator)
+
+
+@dataclass
+class Tally:
+    """A setting's accumulators plus how many batches of the pass they have counted."""
+
+    accumulators: dict[str, Accumulator]
+    batches: int = 0
+
+    @classmethod
+    def create(cls, context: SweepContext) -> "Tally":
+        return cls({acc.name: acc.create(context) for acc in ACCUMULATORS})
+
+    def merge(self, other: "Tally") -> None:
+        for name, acc in self.accumulators.items():
+            acc.merge(other.accumulators[name])
+
+    def state(self) -> dict[str, Any]:
+        return {"batches": self.batches, **{name: acc.state() for name, acc in self.accumulators.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], context: SweepContext) -> "Tally":
+        tally = cls({acc.name: acc.from_state(state[acc.name], context) if acc.name in state else acc.create(context)
+                     for acc in ACCUMULATORS})
+        tally.batches = int(state.get("batches", 0))
+        return tally
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for acc in self.accumulators.values():
+            out.update(acc.row())
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows and results files
+# ----------------------------------------------------------------------------------------------
+
+def _csv(default: Any = None):
+    return field(default=default, metadata={"csv": True})
+
+
+@dataclass
+class SweepRow:
+    """One method x keep rate of a sweep: a row of results.json; the fields marked for CSV, in
+    order, are the columns of results.csv (`CSV_COLUMNS`). Accuracy in percent, GMACs per image.
+    Measures beyond these fields (from further accumulators) travel in `extra`, flattened into the
+    JSON row."""
+
+    model: str = _csv("")
+    method: str = _csv("")
+    keep_rate: float = _csv(1.0)
+    params: dict[str, Any] = field(default_factory=dict, metadata={"csv": True})
+    top1: float = _csv(float("nan"))
+    top5: float = _csv(float("nan"))
+    n_images: int = _csv(0)
+    n_skipped: int = _csv(0)
+    gmacs: float = _csv(float("nan"))
+    images_per_s: float = _csv(float("nan"))
+    label: str = _csv("")
+    weights: str = _csv("")
+    dense_gmacs: float = _csv(float("nan"))
+    gmacs_reduction_pct: float = _csv(float("nan"))
+    crop_pct: float | None = _csv(None)
+    limit: int | None = _csv(None)
+    device: str = _csv("")
+    diversity_mean: float = _csv(float("nan"))
+    key: str = ""
+    plan: dict[str, Any] = field(default_factory=dict)
+    uses_keep_rate: bool = True
+    skipped_files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    token_counts: list[Any] = field(default_factory=list)
+    reducing_layers: list[int] = field(default_factory=list)
     diversity: list[float] = field(default_factory=list)
     diversity_per_token: list[float] = field(default_factory=list)
-    token_counts: list[int] = field(default_factory=list)
+    diversity_images: int = 0
+    diversity_centre: str = "medoid"
+    diversity_size_weighted: bool = False
+    data: str = ""
+    batch_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def add_diversity(self, raw: np.ndarray, per_token: np.ndarray) -> None:
-        if raw.shape[0] == 0:
-            return
-        self.diversity_seen += raw.shape[0]
-        sums, sums_pt = raw.sum(0), per_token.sum(0)
-        if not self.diversity:
-            self.diversity, self.diversity_per_token = sums.tolist(), sums_pt.tolist()
-        else:
-            self.diversity = (np.asarray(self.diversity) + sums).tolist()
-            self.diversity_per_token = (np.asarray(self.diversity_per_token) + sums_pt).tolist()
+    def to_json(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        extra = record.pop("extra")
+        record.update(extra)
+        return record
+
+    @classmethod
+    def from_fields(cls, values: dict[str, Any]) -> "SweepRow":
+        """A row from a flat dict: known fields go to their field, the rest into `extra`."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in values.items() if k in names}
+        return cls(**known, extra={k: v for k, v in values.items() if k not in names})
+
+
+CSV_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SweepRow) if f.metadata.get("csv"))
 
 
 def _read_json(path: Path) -> Any:
@@ -233,7 +512,8 @@ def validate_results(content: Any, source: str = "the results file") -> dict[str
     return content
 
 
-def _write_results(out: Path, config: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def write_results(out: Path, config: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """results.json (every field) and results.csv (`CSV_COLUMNS`), written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     order = {name: index for index, name in enumerate(config.get("methods", []))}
     rows = sorted(rows, key=lambda r: (r["model"], order.get(r["method"], 99), r["method"], -r["keep_rate"]))
@@ -246,12 +526,6 @@ def _write_results(out: Path, config: dict[str, Any], rows: list[dict[str, Any]]
         for row in rows:
             writer.writerow({**row, "params": json.dumps(row["params"], sort_keys=True)})
     os.replace(out / "results.csv.tmp", out / "results.csv")
-
-
-def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
-    hits = top5 == labels.unsqueeze(1)
-    return int(hits[:, 0].sum()), int(hits.any(1).sum())
 
 
 def _sync(device: str) -> None:
@@ -268,6 +542,32 @@ class SweepOutcome:
     ran: int
     skipped_settings: int
     out: Path
+
+
+def _check_config(config: SweepConfig) -> None:
+    if config.batch_size < 1:
+        raise SweepError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.workers < 0:
+        raise SweepError(f"--workers must be 0 or more, got {config.workers}")
+    if config.diversity_centre not in ("medoid", "median"):
+        raise SweepError(f"diversity centre must be medoid or median, got {config.diversity_centre!r}")
+
+
+def _run_config(config: SweepConfig, loaded: LoadedModel, files: LabelledFiles, dconfig: dict[str, Any]) -> dict[str, Any]:
+    root = files.root.resolve()
+    return {
+        "data": str(root), "layout": files.layout, "labels": str(files.ground_truth) if files.ground_truth else None,
+        "model": loaded.name, "weights": loaded.weights, "weights_label": loaded.weights_label, "is_random": loaded.is_random,
+        "device": loaded.device, "methods": list(dict.fromkeys(config.methods)), "keep_rates": list(config.keep_rates),
+        "crop_pct": dconfig["crop_pct"], "crop_pct_requested": config.crop_pct, "data_config": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in dconfig.items()},
+        "limit": config.limit, "batch_size": config.batch_size, "workers": config.workers, "n_files": len(files),
+        "diversity_centre": config.diversity_centre, "diversity_size_weighted": config.diversity_size_weighted,
+        "diversity_images": config.diversity_images, "budget_schedule": config.budget_schedule,
+        "torch_threads": torch.get_num_threads(), "n_parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "timing": "images_per_s: engine forward only (track=False, block outputs kept for diversity), after one untimed warm-up "
+                  "forward per setting; data loading, accuracy and diversity bookkeeping are not timed",
+    }
 
 
 def run_sweep(
@@ -292,36 +592,19 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     files = resolve_dataset(config.data, config.labels).subset(config.limit)
-    if config.batch_size < 1:
-        raise SweepError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if config.workers < 0:
-        raise SweepError(f"--workers must be 0 or more, got {config.workers}")
-    if config.diversity_centre not in ("medoid", "median"):
-        raise SweepError(f"diversity centre must be medoid or median, got {config.diversity_centre!r}")
+    _check_config(config)
     if loaded is None:
         loaded = load_model(config.model, config.weights, config.device)
     # the loaded model is the truth (the app passes its cached one); the caller's config is not modified
     config = dataclasses.replace(config, model=loaded.name, weights=loaded.weights, device=loaded.device)
     model = loaded.model
     dconfig = data_config(model, config.crop_pct)
-    settings = build_settings(tuple(config.methods), tuple(config.keep_rates), loaded, config.tome_schedule)
+    settings = build_settings(tuple(config.methods), tuple(config.keep_rates), loaded, config.budget_schedule, config.method_params)
 
     out = Path(config.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     root = files.root.resolve()
-    run_config = {
-        "data": str(root), "layout": files.layout, "labels": str(files.ground_truth) if files.ground_truth else None,
-        "model": loaded.name, "weights": loaded.weights, "weights_label": loaded.weights_label, "is_random": loaded.is_random,
-        "device": loaded.device, "methods": list(dict.fromkeys(config.methods)), "keep_rates": list(config.keep_rates),
-        "crop_pct": dconfig["crop_pct"], "crop_pct_requested": config.crop_pct, "data_config": {
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in dconfig.items()},
-        "limit": config.limit, "batch_size": config.batch_size, "workers": config.workers, "n_files": len(files),
-        "diversity_centre": config.diversity_centre, "diversity_size_weighted": config.diversity_size_weighted,
-        "diversity_images": config.diversity_images, "tome_schedule": config.tome_schedule, "torch_threads": torch.get_num_threads(),
-        "n_parameters": sum(p.numel() for p in model.parameters()),
-        "timing": "images_per_s: engine forward only (track=False, block outputs kept for diversity), after one untimed warm-up "
-                  "forward per setting; data loading, accuracy and diversity bookkeeping are not timed",
-    }
+    run_config = _run_config(config, loaded, files, dconfig)
     previous: list[dict[str, Any]] = []
     if (out / "results.json").exists():
         previous = load_results(out)["rows"]
@@ -329,14 +612,15 @@ def run_sweep(
     keys = {setting: setting_key(config, setting, root) for setting in settings}
     pending = [s for s in settings if keys[s] not in done]
     if not pending:
-        _write_results(out, run_config, previous)
+        write_results(out, run_config, previous)
         if progress:
             progress(1.0, "every setting was already done")
         return SweepOutcome(previous, run_config, 0, len(settings), out)
 
-    # Resume a pass that was interrupted: tallies of the batches already counted.
+    # Resume a pass that was interrupted: the accumulators of the batches already counted.
+    context = SweepContext(config, files)
     partial_path = out / "partial.json"
-    tallies: dict[Setting, _Tally] = {s: _Tally() for s in pending}
+    tallies: dict[Setting, Tally] = {s: Tally.create(context) for s in pending}
     skipped: list[str] = []
     if partial_path.exists():
         state = _read_json(partial_path)
@@ -344,21 +628,15 @@ def run_sweep(
             for setting in pending:
                 saved = state.get("tallies", {}).get(keys[setting])
                 if saved:
-                    tallies[setting] = _Tally(**saved)
+                    tallies[setting] = Tally.from_state(saved, context)
             skipped = list(state.get("skipped", []))
     start_batch = min(t.batches for t in tallies.values())
     if start_batch == 0:
         skipped = []  # the pass restarts at the first batch and records the skipped files again
 
-    n_diversity = len(files) if config.diversity_images is None else min(len(files), max(0, config.diversity_images))
-    diversity_indices = torch.from_numpy(np.unique(np.linspace(0, len(files) - 1, n_diversity).round().astype(np.int64))) \
-        if n_diversity else torch.empty(0, dtype=torch.long)
-    transform = make_transform(model, config.crop_pct)
-    dataset = ImageDataset(files, transform)
     first_index = start_batch * config.batch_size
-    sampler = range(first_index, len(files))
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-                        collate_fn=collate_skipping, prefetch_factor=4 if config.workers else None)
+    loader = make_loader(files, make_transform(model, config.crop_pct), config.batch_size, config.workers,
+                         indices=range(first_index, len(files)))
     total = len(files)
     bar = tqdm(total=total, initial=first_index, unit="img", desc=f"sweep {len(pending)} settings", disable=not show_bar)
     warmed: set[Setting] = set()
@@ -366,8 +644,7 @@ def run_sweep(
     batch_index = start_batch
     checkpoint_every = config.checkpoint_every or max(1, 256 // config.batch_size)
     for batch in loader:
-        if batch.skipped:
-            skipped.extend(batch.skipped)
+        skipped.extend(batch.skipped)
         if batch.images.numel():
             images = batch.images.to(device)
             for setting in pending:
@@ -377,86 +654,60 @@ def run_sweep(
                 if setting not in warmed:
                     run(model, images[: min(4, len(images))], setting.plan, extras=loaded.extras, track=False)
                     warmed.add(setting)
+                keep_outputs = any(acc.needs_block_outputs(batch.indices) for acc in tally.accumulators.values())
                 _sync(device)
                 started = time.perf_counter()
-                result = run(model, images, setting.plan, extras=loaded.extras, track=False, keep_block_outputs=True)
+                result = run(model, images, setting.plan, extras=loaded.extras, track=False, keep_block_outputs=keep_outputs)
                 _sync(device)
-                tally.seconds += time.perf_counter() - started
-                tally.timed += len(images)
-                c1, c5 = _topk_correct(result.logits, batch.labels)
-                tally.correct1 += c1
-                tally.correct5 += c5
-                tally.seen += len(images)
-                tally.token_counts = result.token_counts
-                chosen = torch.isin(batch.indices, diversity_indices).to(device)
-                if chosen.any():
-                    subset = SimpleNamespace(block_outputs=[o[chosen] for o in result.block_outputs],
-                                             block_sizes=[z[chosen] for z in result.block_sizes])
-                    raw, per_token = diversity_per_block_both(subset, config.diversity_centre, config.diversity_size_weighted)
-                    tally.add_diversity(raw, per_token)
+                observation = Observation(result, batch, time.perf_counter() - started)
+                for acc in tally.accumulators.values():
+                    acc.update(observation)
         for setting in pending:
             tallies[setting].batches = max(tallies[setting].batches, batch_index + 1)
         batch_index += 1
         bar.update(len(batch.indices) + len(batch.skipped))
         if batch_index % checkpoint_every == 0:
             state = {"batch_size": config.batch_size, "n_files": len(files), "skipped": skipped,
-                     "tallies": {keys[s]: vars(t) for s, t in tallies.items()}}
+                     "tallies": {keys[s]: t.state() for s, t in tallies.items()}}
             tmp = out / "partial.json.tmp"
             tmp.write_text(json.dumps(state))
             os.replace(tmp, partial_path)
         if progress:
             progress(min(1.0, bar.n / max(total, 1)), f"{bar.n}/{total} images, {len(pending)} settings")
     bar.close()
-    if all(tally.seen == 0 for tally in tallies.values()):
+    if all(t.accumulators["accuracy"].seen == 0 for t in tallies.values()):
         example = skipped[0] if skipped else "no file was loaded"
         raise SweepError(f"none of the {len(files)} images in {root} could be read (e.g. {example}); check the folder")
 
     rows = [row for row in previous if row.get("key") not in {keys[s] for s in pending}]
-    # GMACs from the token counts the pass observed (a dummy forward only for a setting that never ran).
-    gmacs = {s: plan_gmacs(model, s.plan, loaded.extras, tallies[s].token_counts or None) for s in pending}
-    dense_gmacs = plan_gmacs(model, ReductionPlan())
-    for setting in pending:
-        tally = tallies[setting]
-        seen = max(tally.seen, 1)
-        div_seen = max(tally.diversity_seen, 1)
-        diversity = (np.asarray(tally.diversity) / div_seen).tolist() if tally.diversity else []
-        diversity_pt = (np.asarray(tally.diversity_per_token) / div_seen).tolist() if tally.diversity_per_token else []
-        depth = len(model.blocks)
-        rows.append({
-            "key": keys[setting],
-            "model": loaded.name,
-            "weights": loaded.weights_label,
-            "method": setting.method,
-            "label": setting.label,
-            "keep_rate": setting.keep_rate,
-            "params": setting.params_dict(),
-            "top1": 100.0 * tally.correct1 / seen if tally.seen else float("nan"),
-            "top5": 100.0 * tally.correct5 / seen if tally.seen else float("nan"),
-            "n_images": tally.seen,
-            "n_skipped": len(skipped),
-            "skipped_files": skipped[:50],
-            "gmacs": gmacs[setting],
-            "dense_gmacs": dense_gmacs,
-            "gmacs_reduction_pct": 100.0 * (1.0 - gmacs[setting] / dense_gmacs),
-            "images_per_s": tally.timed / tally.seconds if tally.seconds > 0 else float("nan"),
-            "seconds": tally.seconds,
-            "token_counts": tally.token_counts,
-            "reducing_layers": list(setting.plan.reducing_layers(depth)),
-            "diversity": diversity,
-            "diversity_per_token": diversity_pt,
-            "diversity_mean": float(np.mean(diversity)) if diversity else float("nan"),
-            "diversity_images": tally.diversity_seen,
-            "diversity_centre": config.diversity_centre,
-            "diversity_size_weighted": config.diversity_size_weighted,
-            "crop_pct": dconfig["crop_pct"],
-            "limit": config.limit,
-            "data": str(root),
-            "device": device,
-            "batch_size": config.batch_size,
-        })
-    _write_results(out, run_config, rows)
+    rows += [make_row(setting, tallies[setting], keys[setting], loaded, config, dconfig, skipped, root).to_json()
+             for setting in pending]
+    write_results(out, run_config, rows)
     if partial_path.exists():
         partial_path.unlink()
     if progress:
         progress(1.0, f"done: {len(pending)} settings on {total} images")
     return SweepOutcome(load_results(out)["rows"], run_config, len(pending), len(settings) - len(pending), out)
+
+
+def make_row(setting: Setting, tally: Tally, key: str, loaded: LoadedModel, config: SweepConfig, dconfig: dict[str, Any],
+             skipped: list[str], root: Path) -> SweepRow:
+    """The `SweepRow` of one setting from its accumulators (GMACs from the token counts observed)."""
+    model = loaded.model
+    fields = tally.fields()
+    counts = tally.accumulators["tokens"].mean_counts()
+    exact = [int(round(c)) for c in counts]
+    gmacs = plan_gmacs(model, setting.plan, loaded.extras, exact or None)
+    dense_gmacs = plan_gmacs(model, ReductionPlan())
+    method = None if setting.method == DENSE else get_method(setting.method)
+    return SweepRow.from_fields({
+        **fields,
+        "key": key, "model": loaded.name, "weights": loaded.weights_label, "method": setting.method, "label": setting.label,
+        "keep_rate": setting.keep_rate, "params": setting.params_dict(), "plan": setting.plan.to_record(),
+        "uses_keep_rate": True if method is None else bool(method.uses_keep_rate),
+        "n_skipped": len(skipped), "skipped_files": skipped[:50],
+        "gmacs": gmacs, "dense_gmacs": dense_gmacs, "gmacs_reduction_pct": 100.0 * (1.0 - gmacs / dense_gmacs),
+        "reducing_layers": list(setting.plan.reducing_layers(len(model.blocks))),
+        "crop_pct": dconfig["crop_pct"], "limit": config.limit, "data": str(root), "device": loaded.device,
+        "batch_size": config.batch_size,
+    })

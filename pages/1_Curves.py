@@ -14,10 +14,11 @@ import pandas as pd
 import streamlit as st
 
 from analysis.figures import model_rows, pick_keep_rate, write_figures, zip_bytes
-from analysis.methods import METHODS
-from analysis.models import PAPER_CROP_PCT, TokenscopeError
+from analysis.registry import all_methods
+from analysis.errors import TokenscopeError
+from analysis.models import PAPER_CROP_PCT
 from analysis.sweep import CSV_COLUMNS, SweepConfig, load_results, run_sweep, validate_results
-from ui.shared import cached_model, model_sidebar, weights_badge
+from ui.shared import cached_model, default_methods, model_sidebar, weights_badge
 from viz.charts import accuracy_vs_gmacs, accuracy_vs_keep_rate, diversity_chart, diversity_series_from_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,8 @@ SOURCES = ("Load a results file", "Run a sweep on a folder")
 
 
 def _label(name: str) -> str:
-    return METHODS[name].label if name in METHODS else ("Dense" if name == "none" else name)
+    methods = all_methods()
+    return methods[name].label if name in methods else ("Dense" if name == "none" else name)
 
 
 def load_source() -> dict | None:
@@ -58,14 +60,14 @@ def run_source() -> dict | None:
     if loaded is None:
         return None
     st.caption(weights_badge(loaded))
-    runnable = [name for name, method in METHODS.items() if method.unavailable_reason(loaded.extras) is None]
+    runnable = [name for name, method in all_methods().items() if method.unavailable_reason(loaded.extras) is None]
     left, middle, right = st.columns(3)
     data = left.text_input("Image folder (WordNet-id folders, index folders, or flat + ground-truth file)",
                            value=str(SAMPLE) if SAMPLE.is_dir() else "", key="curves_data")
     labels = left.text_input("Ground-truth file for a flat folder (optional)", key="curves_labels")
-    methods = middle.multiselect("Methods", runnable, default=[m for m in ("evit", "tome") if m in runnable],
+    methods = middle.multiselect("Methods", runnable, default=default_methods(runnable),
                                  format_func=_label, key="curves_methods")
-    keep_rates = middle.multiselect("Keep rates (ToMe: r matched to each budget)", KEEP_RATES, default=[1.0, 0.7, 0.5], key="curves_keep_rates")
+    keep_rates = middle.multiselect("Keep rates (methods without one meet each rate's token budget)", KEEP_RATES, default=[1.0, 0.7, 0.5], key="curves_keep_rates")
     limit = right.number_input("Images (0 = all)", min_value=0, value=100, step=50, key="curves_limit")
     batch_size = right.number_input("Batch size", min_value=1, max_value=512, value=32, key="curves_batch")
     crop = right.radio("Crop", ("model's timm config", f"papers' {PAPER_CROP_PCT}"), horizontal=True, key="curves_crop")

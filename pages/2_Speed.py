@@ -12,9 +12,9 @@ import streamlit as st
 import torch
 
 from analysis.bench import CSV_COLUMNS, BenchConfig, contention_note, dtype_label, make_settings, run_benchmark
-from analysis.methods import METHODS
-from analysis.models import TokenscopeError
-from ui.shared import model_sidebar, weights_badge
+from analysis.registry import all_methods
+from analysis.errors import TokenscopeError
+from ui.shared import default_methods, model_sidebar, weights_badge
 
 KEEP_RATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -26,7 +26,8 @@ BOUND_COLUMNS = ["speedup_bound", "method_overhead_pct"]
 
 
 def _label(name: str) -> str:
-    return METHODS[name].label if name in METHODS else name
+    methods = all_methods()
+    return methods[name].label if name in methods else name
 
 
 def _setting(keep_rate: float, r: float) -> str:
@@ -82,13 +83,15 @@ def main() -> None:
         return
     st.caption(weights_badge(loaded))
 
-    runnable = [name for name, method in METHODS.items() if method.unavailable_reason(loaded.extras) is None]
-    unavailable = sorted(set(METHODS) - set(runnable))
+    runnable = [name for name, method in all_methods().items() if method.unavailable_reason(loaded.extras) is None]
+    unavailable = [name for name in all_methods() if name not in runnable]
     left, middle, right = st.columns(3)
     methods = left.multiselect("Methods (the dense model is always timed)", runnable,
-                               default=[m for m in ("evit", "tome") if m in runnable], format_func=_label, key="speed_methods")
+                               default=default_methods(runnable), format_func=_label, key="speed_methods")
     keep_rates = left.multiselect("Keep rates", KEEP_RATES, default=[0.7, 0.5], key="speed_keep_rates")
-    r_value = left.number_input("ToMe r (tokens merged per block)", min_value=0, max_value=98, value=13, step=1, key="speed_r")
+    with_r = [_label(name) for name in runnable if all_methods()[name].param("r") is not None]
+    r_value = left.number_input(f"r, tokens merged per block ({', '.join(with_r) or 'methods with an r parameter'})", min_value=0,
+                                max_value=98, value=13, step=1, key="speed_r")
     batch_sizes = middle.multiselect("Batch sizes", BATCH_SIZES, default=[32], key="speed_batch_sizes")
     amp = middle.checkbox("Autocast (float16 on CUDA, bfloat16 on CPU)", key="speed_amp")
     bound = middle.checkbox("Token-count bound (method overhead)", key="speed_bound",
@@ -104,9 +107,9 @@ def main() -> None:
         try:
             if not batch_sizes:
                 raise TokenscopeError("choose at least one batch size")
-            if any(METHODS[m].uses_keep_rate for m in methods) and not keep_rates:
+            if any(all_methods()[m].uses_keep_rate for m in methods) and not keep_rates:
                 raise TokenscopeError("choose at least one keep rate for the keep-rate methods")
-            settings = make_settings(methods, keep_rates, [int(r_value)])
+            settings = make_settings(methods, keep_rates, [int(r_value)], len(loaded.model.blocks), loaded.num_patches + 1)
             config = BenchConfig(batch_sizes=tuple(sorted(batch_sizes)), warmup=int(warmup), repeats=int(repeats), amp=amp,
                                  bound=bound)
             bar = st.progress(0.0, text="starting")

@@ -14,7 +14,9 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from analysis.methods import METHODS
+from analysis.registry import all_methods
+
+METHODS = all_methods()
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -53,7 +55,7 @@ def test_opens_on_a_sample_photo_with_evit(opened):
         "layer 4: masked tokens, 140 tokens out", "layer 7: masked tokens, 100 tokens out", "layer 10: masked tokens, 72 tokens out"]
     assert [c for c in captions if "class attention" in c] == [f"layer {n}: class attention" for n in (4, 7, 10)]
     assert len(captions) == 1 + 3 + 3 + 1, "input crop, 3 masked views, 3 attention maps, the comparison row"
-    assert at.select_slider(key="compare_layer").value == 10
+    assert at.select_slider(key="compare_layer_importance-diversity").value == 10
     assert len(at.get("download_button")) == 3 + 3 + 1 + 1, "every picture has a PNG download, the diversity chart HTML"
     # the real weights classify the sample cat as a cat, dense and pruned alike
     tables = [frame.value for frame in at.dataframe]
@@ -257,12 +259,13 @@ def test_diversity_computed_on_demand_from_the_stored_block_outputs(tiny, sample
     import numpy as np
 
     from analysis.diversity import diversity_per_block_both
-    from analysis.engine import ReductionPlan, run
-    from ui.shared import ImageAnalysis
+    from analysis.engine import run
+    from analysis.plan import ReductionPlan
+    from analysis.inspect import analyse_result
 
     plan = ReductionPlan.make("evit", 0.7)  # EViT fuses the inattentive tokens: sizes above 1
     result = run(tiny.model, sample_batch[:1], plan, extras=tiny.extras, keep_block_outputs=True)
-    analysis = ImageAnalysis.from_result(result, plan, gmacs={})
+    analysis = analyse_result(result, 0, gmacs={})
     assert [output.shape[0] for output in analysis.block_outputs] == result.token_counts
     assert all(output.dtype == np.float32 for output in analysis.block_outputs)
     # pickled as st.cache_data does

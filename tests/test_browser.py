@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from analysis.methods import METHODS
+from analysis.registry import all_methods
+
+METHODS = all_methods()
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -123,7 +125,7 @@ def test_every_method_in_chromium(server, browser):
     page.goto(server + "/?" + "&".join(f"method={name}" for name in runnable))
     per_method = {name: (12 if METHODS[name].default_layers is None else 3) for name in runnable}
     # stage picture + attention map for methods scoring by class attention, then crop and comparison row
-    expected = 2 + sum(n * (2 if METHODS[name].needs_cls_attention else 1) for name, n in per_method.items())
+    expected = 2 + sum(n * (2 if "cls_attention" in METHODS[name].needs else 1) for name, n in per_method.items())
     wait_for_pictures(page, expected)
     assert page.locator(STAGE_IMAGES).count() == expected
     tabs = page.get_by_role("tab").all_inner_texts()

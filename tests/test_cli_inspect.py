@@ -124,3 +124,29 @@ def test_the_real_process_exits_2_without_traceback(tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.jpg'}: no such file"]
+
+
+def test_shared_parameter_names_stay_unambiguous(capsys, sample_files, tmp_path):
+    """BAT and DPC-kNN both take `weighting`, with different defaults: `-h` shows each default, the
+    bare flag applies to the one chosen method, the qualified flags always work, and a sweep of
+    both refuses the bare flag with the qualified names."""
+    code = None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "-h"])
+    code = exit_info.value.code
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "BAT (reconstructed): default attention; Diversity-only clustering (DPC-kNN): default size" in " ".join(out.split())
+    assert "--bat-weighting" in out and "--dpc-weighting" in out
+    image = str(sample_files[0])
+    for flags, want in ((["--method", "dpc", "--weighting", "attention"], "attention"), (["--method", "dpc"], "size"),
+                        (["--method", "dpc", "--dpc-weighting", "attention"], "attention"),
+                        (["--method", "bat", "--weighting", "size"], "size"), (["--method", "bat"], "attention")):
+        code, out, err = run_cli(capsys, "inspect", image, *TINY, *flags, "--json")
+        assert code == 0, err
+        assert json.loads(out)[0]["params"]["weighting"] == want, flags
+    code, out, err = run_cli(capsys, "sweep", "--data", str(tmp_path), *TINY, "--methods", "bat,dpc", "--weighting", "size",
+                             "--out", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and "--weighting is ambiguous" in err and "--bat-weighting" in err, err
+    code, out, err = run_cli(capsys, "inspect", image, *TINY, "--method", "dpc", "--weighting", "nonsense")
+    assert code == 2 and "--weighting" in err and "nonsense" in err

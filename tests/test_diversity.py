@@ -9,7 +9,8 @@ import torch
 
 from analysis.diversity import (candidate_costs, diversity_per_block, diversity_score, pairwise_l1_cost, sorted_candidate_costs,
                                 weighted_median)
-from analysis.engine import ReductionPlan, run
+from analysis.engine import run
+from analysis.plan import ReductionPlan
 
 
 def brute_medoid(z: np.ndarray, w: np.ndarray | None = None) -> float:

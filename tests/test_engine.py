@@ -4,7 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.engine import PlanError, ReductionPlan, run
+from analysis.engine import run
+
+from analysis.errors import PlanError
+
+from analysis.plan import ReductionPlan
 
 
 def test_dense_matches_timm(tiny, sample_batch):

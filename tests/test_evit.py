@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from analysis.engine import ReductionPlan, run
+from analysis.engine import run
+
+from analysis.plan import ReductionPlan
 from analysis.methods import KINDS
 
 

@@ -8,10 +8,11 @@ import sys
 import pytest
 from PIL import Image
 
-from analysis.figures import FiguresError, write_figures
+from analysis.errors import FiguresError
+from analysis.figures import write_figures
 from analysis.sweep import load_results
 from viz.charts import accuracy_vs_gmacs, accuracy_vs_keep_rate, diversity_chart, diversity_series_from_rows
-from viz.palette import METHOD_COLOURS, method_colour
+from viz.palette import method_colour
 
 from conftest import ROOT
 from test_sweep import sample_sweep  # noqa: F401  (the session's sweep; reruns resume instantly)
@@ -39,7 +40,7 @@ def test_every_figure_in_every_format(figures):
             assert png.info["dpi"][0] == pytest.approx(300, abs=1)
             assert png.width > 600
     # one fixed colour per method: EViT's palette colour is in the vector figures
-    assert METHOD_COLOURS["evit"] in (out / "accuracy.svg").read_text().lower()
+    assert method_colour("evit") in (out / "accuracy.svg").read_text().lower()
     # the grid: 3 rows (images) x 2 columns (input, EViT) at 300 dpi
     with Image.open(out / "grid.png") as grid:
         assert grid.height > grid.width

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+import torch.nn.functional as F
 
-from analysis.engine import ReductionPlan, run
-from analysis.gmacs import gmacs_report, plan_gmacs, plan_macs
+from analysis.engine import run
+from analysis.gmacs import flop_counter, gmacs_report, plan_gmacs, plan_macs
+from analysis.plan import ReductionPlan
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +57,24 @@ def test_breakdown_uses_the_real_token_counts(models):
 
 def _flop_counter_macs(model, plan) -> float:
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         run(model, image, plan, track=False)
     return counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "additive-mask"])
+def test_flop_counter_counts_sdpa_on_the_cpu(mask):
+    """The counter sees scaled_dot_product_attention on the CPU on every supported torch (2.14's own
+    FlopCounterMode counts it only on CUDA): Q K^T and P V are 2 B H N^2 d MACs, 4 B H N^2 d FLOPs,
+    with and without the additive mask ToMe's proportional attention passes."""
+    batch, heads, n, d = 2, 3, 197, 64
+    q = torch.randn(batch, heads, n, d, generator=torch.Generator().manual_seed(0))
+    bias = torch.zeros(batch, 1, 1, n) if mask else None
+    counter = flop_counter()
+    with counter:
+        F.scaled_dot_product_attention(q, q, q, attn_mask=bias)
+    assert counter.get_total_flops() == 4 * batch * heads * n * n * d
 
 
 @pytest.mark.parametrize("plan", [ReductionPlan(), ReductionPlan.make("evit", 0.7), ReductionPlan.make("evit", 0.5, fuse=False)],
@@ -93,7 +108,8 @@ def test_every_method_agrees_with_the_flop_counter(models):
     """Each registered method's own work (cls row, similarities, bipartite scores, predictors) is
     counted like FlopCounterMode counts it; DPC-kNN's distance matrices (torch.cdist, which the
     counter does not see) are booked apart in `method_distances`."""
-    from analysis.methods import METHODS
+    from analysis.registry import all_methods
+    METHODS = all_methods()
 
     extras = _predictor_extras(192)
     dense = plan_gmacs(models["tiny"], ReductionPlan())
@@ -101,7 +117,7 @@ def test_every_method_agrees_with_the_flop_counter(models):
         plan = ReductionPlan.make("tome", 1.0, None, r=13) if name == "tome" else ReductionPlan.make(name, 0.7)
         ours = plan_macs(models["tiny"], plan, extras)
         image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             run(models["tiny"], image, plan, extras=extras, track=False)
         assert ours.matmul == pytest.approx(counter.get_total_flops() / 2, rel=0.02), name

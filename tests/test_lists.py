@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.engine import PlanError, parse_layers
+from analysis.errors import PlanError
+
+from analysis.plan import parse_layers
 from analysis.lists import comma_list
 from analysis.methods import get_method
 

@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
-from analysis.engine import ReductionPlan, run
+from analysis.engine import run
+
+from analysis.plan import ReductionPlan
 from analysis.methods import KINDS, ReduceContext, apply_assignment, get_method
 from analysis.methods.bat import bat_budget, dpc_knn
-from analysis.methods.tome import keep_rate_counts
+from analysis.methods.base import keep_rate_counts
 from conftest import TINY
 from method_states import check_provenance, inside_state
 

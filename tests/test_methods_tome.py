@@ -8,9 +8,14 @@ import math
 import pytest
 import torch
 
-from analysis.engine import PlanError, ReductionPlan, run
+from analysis.engine import run
+
+from analysis.errors import PlanError
+
+from analysis.plan import ReductionPlan
 from analysis.methods import KINDS, apply_assignment
-from analysis.methods.tome import keep_rate_counts, matched_r_schedule, r_for_keep_rate, tome_assignment, tome_counts
+from analysis.methods.base import keep_rate_counts
+from analysis.methods.tome import matched_r_schedule, r_for_keep_rate, tome_assignment, tome_counts
 from conftest import TINY
 from method_states import block_input, check_provenance, inside_state
 
@@ -134,7 +139,7 @@ def test_r_zero_is_the_dense_model_and_prop_attn_matters(tiny, sample_batch):
 def test_matched_schedule_reproduces_the_keep_rate_counts(tiny, sample_batch):
     target = keep_rate_counts(0.7)
     assert target == [197, 197, 197, 139, 139, 139, 98, 98, 98, 69, 69, 69]
-    assert keep_rate_counts(0.7, fuse=True)[-1] == 72
+    assert keep_rate_counts(0.7, extra=1)[-1] == 72
     schedule = matched_r_schedule(target)
     assert schedule == (0, 0, 0, 58, 0, 0, 41, 0, 0, 29, 0, 0)
     result = run(tiny.model, sample_batch[:2], ReductionPlan.make("tome", r=schedule), track=False)

@@ -8,7 +8,11 @@ import math
 import pytest
 import torch
 
-from analysis.engine import PlanError, ReductionPlan, run
+from analysis.engine import run
+
+from analysis.errors import PlanError
+
+from analysis.plan import ReductionPlan
 from analysis.methods import KINDS, ReduceContext, apply_assignment, get_method
 from analysis.methods.tps import predictor_problems
 from analysis.models import load_model

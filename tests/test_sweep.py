@@ -11,11 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from analysis.engine import ReductionPlan
+from analysis.plan import ReductionPlan
 from analysis.gmacs import plan_gmacs
-from analysis.sweep import CSV_COLUMNS, SweepConfig, SweepError, build_settings, load_results, run_sweep
+from analysis.errors import PlanError, SweepError
+from analysis.sweep import CSV_COLUMNS, SweepConfig, build_settings, load_results, run_sweep
 
 from conftest import ROOT, SAMPLE_DIR, TINY
 
@@ -37,14 +39,14 @@ def _rows(outcome):
 
 
 def test_dense_top1_equals_inspect_image_by_image(sample_sweep, tiny, sample_files):
-    from analysis.inspect import inspect_batch
+    from analysis.inspect import analyse_images
     from analysis.models import imagenet_wnids, load_image
 
     _, outcome = sample_sweep
     rows = _rows(outcome)
     wnids = imagenet_wnids()
-    inspection = inspect_batch(tiny, [load_image(path) for path in sample_files], ReductionPlan(), crop_pct=None)
-    predicted = inspection.dense.logits.argmax(1).tolist()
+    analyses = analyse_images(tiny, [load_image(path) for path in sample_files], ReductionPlan(), crop_pct=None)
+    predicted = [analysis.dense_top5[0]["index"] for analysis in analyses]
     correct = sum(int(p == wnids.index(path.parent.name)) for p, path in zip(predicted, sample_files))
     assert rows[1.0]["n_images"] == 100 and rows[1.0]["n_skipped"] == 0
     assert rows[1.0]["top1"] == pytest.approx(correct)  # 100 images: percent = count
@@ -129,7 +131,8 @@ def test_interrupted_pass_resumes_to_the_same_result(tmp_path, tiny, sample_file
 
 
 def test_every_registered_method_runs_at_a_matched_budget(tmp_path, tiny, sample_files):
-    from analysis.methods import METHODS
+    from analysis.registry import all_methods
+    METHODS = all_methods()
 
     methods = tuple(m for m in ("evit", "etps", "bat", "dpc", "tome") if m in METHODS)
     settings = build_settings(methods, (1.0, 0.7), tiny, "constant")
@@ -150,7 +153,7 @@ def test_every_registered_method_runs_at_a_matched_budget(tmp_path, tiny, sample
 
 
 def test_bad_sweeps_say_why(tmp_path, tiny):
-    with pytest.raises(SweepError, match="not registered"):
+    with pytest.raises(PlanError, match="unknown method 'nosuch'"):
         build_settings(("evit", "nosuch"), (0.7,), tiny)
     with pytest.raises(SweepError, match=r"keep rate must be in \(0, 1\]"):
         build_settings(("evit",), (1.5,), tiny)
@@ -198,3 +201,54 @@ def test_gmacs_come_from_the_observed_counts_without_a_dummy_forward(tmp_path, t
     outcome = run_sweep(SweepConfig(data=str(root), model=TINY, methods=("evit",), keep_rates=(0.7,), batch_size=5, workers=0,
                                     diversity_images=0, out=str(tmp_path / "out")), loaded=tiny, show_bar=False)
     assert outcome.rows[0]["gmacs"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_accumulators_merge_exactly(tiny, sample_files):
+    """Two halves of a folder, accumulated apart and merged, give the row of the whole folder:
+    counts add up exactly and means are kept as sums (diversity within float rounding)."""
+    import dataclasses
+
+    import torch
+
+    from analysis.datasets import make_loader, resolve_dataset
+    from analysis.engine import run
+    from analysis.models import make_transform
+    from analysis.sweep import Observation, SweepContext, Tally
+
+    files = resolve_dataset(SAMPLE_DIR).subset(24)
+    config = SweepConfig(data=str(SAMPLE_DIR), model=TINY, diversity_images=12)
+    context = SweepContext(config, files)
+    plan = ReductionPlan.make("evit", 0.7)
+    whole, first, second = Tally.create(context), Tally.create(context), Tally.create(context)
+    loader = make_loader(files, make_transform(tiny.model), batch_size=6, workers=0)
+    for index, batch in enumerate(loader):
+        result = run(tiny.model, batch.images, plan, track=False, keep_block_outputs=True)
+        observation = Observation(result, batch, seconds=0.25)
+        for tally in (whole, first if index < 2 else second):
+            for acc in tally.accumulators.values():
+                acc.update(observation)
+    first.merge(second)
+    merged, expected = first.fields(), whole.fields()
+    assert expected["n_images"] == 24 and expected["diversity_images"] == 12 and expected["timed_batches"] == 4
+    for name in ("top1", "top5", "n_images", "correct1", "correct5", "seconds", "images_per_s", "timed_batches",
+                 "token_counts", "diversity_images"):
+        assert merged[name] == expected[name], name
+    np.testing.assert_allclose(merged["diversity"], expected["diversity"], rtol=1e-12)
+    np.testing.assert_allclose(merged["diversity_per_token"], expected["diversity_per_token"], rtol=1e-12)
+    # the state survives a JSON round trip (partial.json) unchanged
+    again = Tally.from_state(json.loads(json.dumps(whole.state())), context)
+    assert again.fields() == whole.fields()
+    assert [f.name for f in dataclasses.fields(Observation)] == ["result", "batch", "seconds"]
+
+
+def test_csv_columns_are_the_rows_csv_fields(sample_sweep):
+    import dataclasses
+
+    from analysis.sweep import SweepRow
+
+    out, _ = sample_sweep
+    assert CSV_COLUMNS == tuple(f.name for f in dataclasses.fields(SweepRow) if f.metadata.get("csv"))
+    with open(out / "results.csv") as handle:
+        assert tuple(next(csv.reader(handle))) == CSV_COLUMNS
+    row = json.loads((out / "results.json").read_text())["rows"][0]
+    assert ReductionPlan.from_record(row["plan"]).method == "evit" and row["uses_keep_rate"] is True

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.engine import ReductionPlan, run
-from analysis.inspect import stage_records
+from analysis.engine import run
+
+from analysis.plan import ReductionPlan
 from analysis.models import crop_only_transform, load_image, preprocess
 from viz import overlays as ov
 from viz.interactive import dispatch_figure, html_bytes
@@ -260,8 +261,9 @@ def test_suggested_view_per_method(records):
 
 def test_record_from_json_matches_from_stage(records):
     stages, result = records["etps"]
-    assert len(stage_records(result, 0)) == len(stages) == 3
-    for json_record, record in zip(stage_records(result, 0), stages):
+    json_records = [record.to_json() for record in stages]
+    assert len(json_records) == len(stages) == 3
+    for json_record, record in zip(json_records, stages):
         again = ov.StageRecord.from_json(json_record)
         np.testing.assert_array_equal(again.patch_to_token, record.patch_to_token)
         assert again.token_kinds == record.token_kinds

@@ -15,15 +15,16 @@ import streamlit as st
 import torch
 from PIL import Image
 
+from analysis.errors import TokenscopeError
+from analysis.inspect import ImageAnalysis, analyse_images
+from analysis.registry import all_methods
 from analysis.models import (
     DEFAULT_MODEL,
     MODEL_CHOICES,
     LoadedModel,
-    TokenscopeError,
     crop_only_transform,
     first_cached_model,
     load_model,
-    preprocess,
     weights_cached,
 )
 
@@ -110,6 +111,14 @@ def model_sidebar(key: str = "model") -> ModelChoice:
     return ModelChoice(loaded, note)
 
 
+def default_methods(runnable: list[str]) -> list[str]:
+    """The methods a page preselects: the first one with a keep rate and the first without (in the
+    registry's order), among `runnable`."""
+    methods = all_methods()
+    picks = [next((n for n in runnable if methods[n].uses_keep_rate == flag), None) for flag in (True, False)]
+    return [name for name in picks if name]
+
+
 def weights_badge(loaded: LoadedModel) -> str:
     """One line for every output: model, weights (random spelt out) and device."""
     text = f"{loaded.name} · weights: {loaded.weights_label} · device: {loaded.device}"
@@ -117,110 +126,60 @@ def weights_badge(loaded: LoadedModel) -> str:
 
 
 # --- one image through one plan, cached (the main page's per-image results) ----------------------
-@dataclass
-class ImageAnalysis:
-    """One image through one ReductionPlan, reduced to what a page draws (numpy and plain values).
-
-    Defined here, not in a page script, so `st.cache_data` can pickle it across reruns.
+@dataclass(frozen=True)
+class AnalysisKey:
+    """What identifies one image through one plan: the app's one hashable cache key.
 
     Attributes:
-        plan: the plan that ran.
-        token_counts: tokens (cls included) leaving each block.
-        stages: one `viz.overlays.StageRecord` per reduction stage (provenance, methods.md §7).
-        top5: the 5 most probable ImageNet classes as {index, label, prob}.
-        gmacs: `analysis.gmacs.gmacs_report` of the plan with the actual token counts.
-        block_outputs: per block, the [N_i, C] float32 tokens leaving it, cls token at index 0
-            (what `diversity` computes r(Z) from).
-        block_sizes: per block, the [N_i] patches held by each token (cls included).
-
-    The diversity r(Z) is not part of the cached analysis: `diversity` computes it on demand for
-    the options a page asks for, and `image_diversity` caches that across reruns.
+        digest: SHA-256 of the image file's bytes (it stands for the image).
+        model, weights, device: as `cached_model`.
+        plan: the `analysis.plan.ReductionPlan`.
+        crop_pct: the centre-crop fraction (None: the model's timm data config).
     """
 
+    digest: str
+    model: str
+    weights: str
+    device: str
     plan: Any
-    token_counts: list[int]
-    stages: list[Any]
-    top5: list[dict[str, Any]]
-    gmacs: dict[str, float]
-    block_outputs: list[np.ndarray]
-    block_sizes: list[np.ndarray]
+    crop_pct: float | None
 
-    @classmethod
-    def from_result(cls, result: Any, plan: Any, gmacs: dict[str, float]) -> "ImageAnalysis":
-        """The analysis of image 0 of an `analysis.engine.Result` run with keep_block_outputs=True."""
-        from analysis.inspect import top_k
-        from viz.overlays import StageRecord
+    def loaded(self) -> LoadedModel:
+        return cached_model(self.model, self.weights, self.device)
 
-        if result.block_outputs is None:
-            raise ValueError("the result has no block outputs: run the engine with keep_block_outputs=True")
-        return cls(
-            plan=plan,
-            token_counts=list(result.token_counts),
-            stages=[StageRecord.from_stage(stage, 0) for stage in result.stages],
-            top5=top_k(result.logits, 5)[0],
-            gmacs=gmacs,
-            block_outputs=[output[0].detach().float().cpu().numpy() for output in result.block_outputs],
-            block_sizes=[sizes[0].detach().cpu().numpy() for sizes in result.block_sizes],
-        )
-
-    def diversity(self, centre: str = "medoid", size_weighted: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(raw, per-token) r(Z) of each block's output (methods.md §5), each [depth] float64, by
-        `analysis.diversity.diversity_of_blocks` on the stored block outputs.
-
-        Args:
-            centre: "medoid" (one of the tokens, BAT's definition) or "median" (free centre).
-            size_weighted: a token counts once per patch it holds; per-token values then divide by
-                the total size instead of the number of non-cls tokens.
-        Raises:
-            ValueError: an unknown centre.
-        """
-        from analysis.diversity import diversity_of_blocks
-
-        outputs = [torch.from_numpy(output).unsqueeze(0) for output in self.block_outputs]
-        sizes = [torch.from_numpy(size).unsqueeze(0) for size in self.block_sizes]
-        raw, per_token = diversity_of_blocks(outputs, sizes, centre, bool(size_weighted))
-        return raw[0], per_token[0]
+    def with_plan(self, plan: Any) -> "AnalysisKey":
+        return AnalysisKey(self.digest, self.model, self.weights, self.device, plan, self.crop_pct)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def model_crop(digest: str, name: str, weights: str, device: str, crop_pct: float | None, _image) -> Image.Image:
+def model_crop(key: AnalysisKey, _image) -> Image.Image:
     """The exact crop the model sees (resize + centre crop, no normalisation) of the image whose
-    bytes hash to `digest` (`_image` is not hashed: the digest stands for it)."""
-    loaded = cached_model(name, weights, device)
-    return crop_only_transform(loaded.model, crop_pct)(_image).convert("RGB")
+    bytes hash to `key.digest` (`_image` is not hashed: the digest stands for it; the plan is ignored)."""
+    return crop_only_transform(key.loaded().model, key.crop_pct)(_image).convert("RGB")
 
 
-# 24 entries: two or three main-page views (dense, the chosen methods and the comparison row's own
+# 24 entries: two or three main-page views (dense, the chosen methods and the comparison rows' own
 # plans); each holds its block outputs (DeiT-S about 3.6 MB, DeiT-B 7 MB), so the cache stays
 # under about 200 MB on a shared server.
 @st.cache_data(show_spinner=False, max_entries=24)
-def analyse_image(digest: str, name: str, weights: str, device: str, plan, crop_pct: float | None, _image) -> ImageAnalysis:
-    """Run `plan` (an `analysis.engine.ReductionPlan`) on one PIL image, cached by (image bytes
-    hash `digest`, model, weights, device, plan, crop).
+def analyse_image(key: AnalysisKey, _image) -> ImageAnalysis:
+    """`analysis.inspect.analyse_images` of one PIL image under `key.plan`, cached by `key`.
 
     The analysis keeps the image's block outputs and sizes; the diversity r(Z) is computed only
     when a page asks for it (`image_diversity`), for the options it asks for.
 
     Raises PlanError / TokenscopeError when the plan cannot run on this model.
     """
-    from analysis.engine import run
-    from analysis.gmacs import gmacs_report
-
-    loaded = cached_model(name, weights, device)
-    batch = preprocess([_image], loaded.model, crop_pct).to(loaded.device)
-    result = run(loaded.model, batch, plan, extras=loaded.extras, keep_block_outputs=True)
-    gmacs = gmacs_report(loaded.model, plan, loaded.extras, list(result.token_counts))
-    return ImageAnalysis.from_result(result, plan, gmacs)
+    return analyse_images(key.loaded(), [_image], key.plan, key.crop_pct, dense=False)[0]
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def image_diversity(digest: str, name: str, weights: str, device: str, plan, crop_pct: float | None,
-                    centre: str, size_weighted: bool, _image) -> tuple[np.ndarray, np.ndarray]:
-    """(raw, per-token) r(Z) per block (methods.md §5), each [depth] float64, of `plan` on one image
-    for one centre and weighting, cached across reruns by `analyse_image`'s key plus the two
-    options (a few hundred bytes each): redrawing the chart after another widget changes, or
-    toggling per-token, computes nothing.
+def image_diversity(key: AnalysisKey, centre: str, size_weighted: bool, _image) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, per-token) r(Z) per block (methods.md §5), each [depth] float64, of `key`'s analysis for
+    one centre and weighting, cached across reruns by the key plus the two options (a few hundred
+    bytes each): redrawing the chart after another widget changes, or toggling per-token, computes
+    nothing.
 
     Raises ValueError for an unknown centre, PlanError / TokenscopeError as `analyse_image`.
     """
-    return analyse_image(digest, name, weights, device, plan, crop_pct, _image).diversity(centre, size_weighted)
+    return analyse_image(key, _image).diversity(centre, size_weighted)

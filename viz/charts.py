@@ -10,6 +10,8 @@ from typing import Any, Iterable, Sequence
 
 import plotly.graph_objects as go
 
+from analysis.registry import all_methods
+
 from .palette import method_colour
 
 # The legend sits below the plot: above it, long method names would run into the title in narrow columns.
@@ -27,6 +29,21 @@ def _by_method(rows: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
 def _params_text(row: dict[str, Any]) -> str:
     params = row.get("params") or {}
     return ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
+
+
+def uses_keep_rate(row: dict[str, Any]) -> bool:
+    """Whether a results row's method is driven by the keep rate (else its budget is in its params,
+    e.g. ToMe's r): the row's own `uses_keep_rate`, else the registry's, else True."""
+    if "uses_keep_rate" in row:
+        return bool(row["uses_keep_rate"])
+    method = all_methods().get(row["method"])
+    return True if method is None else bool(method.uses_keep_rate)
+
+
+def setting_label(row: dict[str, Any]) -> str:
+    """The row's method label, with its budget parameters for a method that has no keep rate."""
+    label = row.get("label", row["method"])
+    return label if uses_keep_rate(row) or row["method"] == "none" else f"{label} ({_params_text(row)})"
 
 
 def accuracy_vs_keep_rate(rows: Sequence[dict[str, Any]], metric: str = "top1") -> go.Figure:
@@ -69,10 +86,7 @@ def diversity_series_from_rows(rows: Sequence[dict[str, Any]], keep_rate: float,
     series = []
     for row in rows:
         if abs(row["keep_rate"] - keep_rate) < 1e-9 and row.get(key):
-            label = row.get("label", row["method"])
-            if row["method"] == "tome":
-                label = f"{label} ({_params_text(row)})"
-            series.append({"method": row["method"], "label": label, "values": row[key],
+            series.append({"method": row["method"], "label": setting_label(row), "values": row[key],
                            "reducing_layers": row.get("reducing_layers", [])})
     return series
 
@@ -85,7 +99,7 @@ def diversity_chart(series: Sequence[dict[str, Any]], title: str = "Diversity r(
             block, block 1 first), reducing_layers (1-based; optional).
         per_token: only changes the axis title (values are passed as they are).
     Reducing layers get filled markers (others hollow), and dotted vertical lines mark the layers
-    where a method with a few reducing stages acts (ToMe, reducing everywhere, draws none).
+    where a method with a few reducing stages acts (a method reducing in every block draws none).
     """
     fig = go.Figure()
     line_layers: set[int] = set()

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from analysis.provenance import StageRecord  # noqa: F401  (the record every picture draws)
+
 # --- colours the pictures promise (tests check them) --------------------------------------------
 DIM_FACTOR = 0.25                  # a discarded patch keeps 25 % of its brightness
 FUSED_COLOUR = (255, 0, 255)       # magenta: patches inside EViT's fused token
@@ -48,68 +50,6 @@ LEGEND_PAD = 6
 
 def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
-
-
-# --- provenance records ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StageRecord:
-    """One image's provenance at one reduction stage, as numpy arrays (methods.md §7).
-
-    Attributes:
-        layer: 1-based block where the stage acted.
-        patch_to_token: [P] int, token holding each original patch after the stage (-1 discarded, 0 cls).
-        token_kinds: n_out kind names ("cls", "kept", "fused", "host", "pair", "cluster", "merged").
-        token_sizes: [n_out] int, patches held per token.
-        cls_attention: [P] float class attention of each patch's token in this block (NaN where the
-            patch was already discarded), or None.
-        patch_pruned: [P] bool, patches whose token was pruned and sent into another token here, or None.
-        patch_weight: [P] float, each patch's token's share of its destination token, or None.
-    """
-
-    layer: int
-    patch_to_token: np.ndarray
-    token_kinds: tuple[str, ...]
-    token_sizes: np.ndarray
-    cls_attention: np.ndarray | None = None
-    patch_pruned: np.ndarray | None = None
-    patch_weight: np.ndarray | None = None
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.token_kinds)
-
-    @classmethod
-    def from_stage(cls, stage: Any, index: int = 0) -> "StageRecord":
-        """From an `analysis.engine.Stage` (torch tensors [B, ...]), image `index` of the batch."""
-
-        def arr(value):
-            if value is None:
-                return None
-            return value[index].detach().float().cpu().numpy() if value.dtype.is_floating_point else value[index].detach().cpu().numpy()
-
-        return cls(
-            layer=int(stage.layer),
-            patch_to_token=arr(stage.patch_to_token).astype(np.int64),
-            token_kinds=tuple(stage.kind_names(index)),
-            token_sizes=arr(stage.token_sizes).astype(np.int64),
-            cls_attention=arr(stage.cls_attention),
-            patch_pruned=None if stage.patch_pruned is None else arr(stage.patch_pruned).astype(bool),
-            patch_weight=arr(stage.patch_weight),
-        )
-
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> "StageRecord":
-        """From one `stages` entry of `python -m analysis inspect --json` (dispatch -> pruned/weights)."""
-        p2t = np.asarray(record["patch_to_token"], dtype=np.int64)
-        pruned = weight = None
-        if "dispatch" in record:
-            pruned = np.zeros(p2t.shape, dtype=bool)
-            weight = np.full(p2t.shape, np.nan)
-            for item in record["dispatch"]:
-                pruned[item["patch"]] = True
-                weight[item["patch"]] = item["weight"]
-        return cls(layer=int(record["layer"]), patch_to_token=p2t, token_kinds=tuple(record["token_kinds"]),
-                   token_sizes=np.asarray(record["token_sizes"], dtype=np.int64), patch_pruned=pruned, patch_weight=weight)
 
 
 # --- geometry helpers --------------------------------------------------------------------------
@@ -530,7 +470,7 @@ def suggested_view(record: StageRecord) -> str:
     (pairs, clusters or merged tokens: BAT, DPC, ToMe) or "masked" (kept / fused / discarded: EViT,
     DynamicViT)."""
     kinds = set(record.token_kinds)
-    if "host" in kinds and record.patch_pruned is not None and record.patch_weight is not None:
+    if record.squeezes and record.patch_weight is not None:
         return "dispatch"
     if kinds & set(MERGE_KINDS):
         return "merge"

@@ -1,32 +1,42 @@
-"""One fixed colour per method, for every chart and figure (plotly and matplotlib alike).
+"""One colour and one marker per method, for every chart and figure (plotly and matplotlib alike).
 
-Colours are matplotlib's "tab10" hex codes, so the paper figures and the app's charts match.
+Each method declares its own (`Method.colour`, `Method.marker`, in its own file); a method that
+declares none (a plugin, say) gets the first spare colour and marker that no other registered
+method uses, in registration order, so colours stay distinct and the same on every run.
 """
 from __future__ import annotations
 
-METHOD_COLOURS: dict[str, str] = {
-    "none": "#000000",        # the dense model
-    "evit": "#1f77b4",        # blue
-    "etps": "#ff7f0e",        # orange
-    "dtps": "#8c564b",        # brown
-    "bat": "#d62728",         # red
-    "dpc": "#2ca02c",         # green
-    "tome": "#9467bd",        # purple
-    "dynamicvit": "#e377c2",  # pink
-}
-_SPARE = ("#17becf", "#bcbd22", "#7f7f7f")
+from analysis.methods.base import SPARE_COLOURS, SPARE_MARKERS
+from analysis.registry import all_methods
 
-METHOD_MARKERS: dict[str, str] = {"none": "*", "evit": "o", "etps": "s", "dtps": "P", "bat": "D", "dpc": "^", "tome": "v",
-                                  "dynamicvit": "X"}
+DENSE_COLOUR = "#000000"
+DENSE_MARKER = "*"
+UNKNOWN_COLOUR = "#7f7f7f"
+
+
+def _assigned(attribute: str, spares: tuple[str, ...]) -> dict[str, str]:
+    methods = all_methods()
+    taken = {getattr(m, attribute) for m in methods.values() if getattr(m, attribute)}
+    free = [value for value in spares if value not in taken]
+    out: dict[str, str] = {}
+    for index, (name, method) in enumerate(methods.items()):
+        value = getattr(method, attribute)
+        if not value:
+            value = free.pop(0) if free else spares[index % len(spares)]
+        out[name] = value
+    return out
 
 
 def method_colour(method: str) -> str:
-    """The hex colour of `method` (a registered name or "none"); unknown names get a stable spare colour."""
-    if method in METHOD_COLOURS:
-        return METHOD_COLOURS[method]
-    return _SPARE[sum(map(ord, method)) % len(_SPARE)]
+    """The hex colour of `method` (a registered name or "none"); a name no longer registered (an old
+    results file) gets a neutral grey."""
+    if method == "none":
+        return DENSE_COLOUR
+    return _assigned("colour", SPARE_COLOURS).get(method, UNKNOWN_COLOUR)
 
 
 def method_marker(method: str) -> str:
     """The matplotlib marker of `method` (plotly charts use circles)."""
-    return METHOD_MARKERS.get(method, "o")
+    if method == "none":
+        return DENSE_MARKER
+    return _assigned("marker", SPARE_MARKERS).get(method, "o")

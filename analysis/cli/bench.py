@@ -6,12 +6,12 @@ import sys
 
 from ..bench import BenchConfig, contention_note, make_settings, parse_list, run_benchmark, write_csv
 from ..models import load_model
-from .common import add_model_args
+from .common import add_method_param_args, add_model_args, method_params_from_args
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "bench", help="throughput (images/s, latency) of the dense and reduced models on random input",
+        "bench", allow_abbrev=False, help="throughput (images/s, latency) of the dense and reduced models on random input",
         description="Times engine forwards (provenance off, inference mode) on seeded random input; every setting "
                     "is timed in interleaved rounds; reports the median with the IQR and min/max; writes DIR/results.csv.")
     add_model_args(parser)
@@ -32,18 +32,22 @@ def add_parser(subparsers) -> None:
                         help="system: the C library's malloc as is; steady: glibc keeps freed memory (no mmap, no trim), so forwards "
                              "take no page faults and results do not depend on the order of runs (see analysis/bench.py)")
     parser.add_argument("--out", required=True, help="folder for results.csv")
+    add_method_param_args(parser)
     parser.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
     # Everything that can fail on user input is checked before the model loads.
-    settings = make_settings(parse_list(args.methods, str, "--methods"), parse_list(args.keep_rates, float, "--keep-rates"),
-                             parse_list(args.r, int, "--r"))
+    methods = parse_list(args.methods, str, "--methods")
+    params = {name: method_params_from_args(args, name, methods) for name in methods if name not in ("none", "dense")}
+    keep_rates, r_values = parse_list(args.keep_rates, float, "--keep-rates"), parse_list(args.r, int, "--r")
+    make_settings(methods, keep_rates, r_values, method_params=params)
     config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "--batch-sizes")), warmup=args.warmup,
                          repeats=args.repeats, amp=args.amp, threads=args.threads, seed=args.seed, provenance=args.provenance,
                          allocator=args.allocator, bound=args.bound)
     config.validate()
     loaded = load_model(args.model, args.weights, args.device)
+    settings = make_settings(methods, keep_rates, r_values, len(loaded.model.blocks), loaded.model.patch_embed.num_patches + 1, params)
     print(f"# {loaded.name}, weights {loaded.weights_label}, device {loaded.device}; "
           f"{len(settings)} settings x {len(config.batch_sizes)} batch sizes, {config.warmup} warm-up + {config.repeats} timed calls each, "
           f"interleaved; median with IQR and min/max; allocator {config.allocator}", flush=True)

@@ -1,13 +1,21 @@
-"""Flags shared by the commands: model and weights, and the method flags built from the registry."""
+"""Flags shared by the commands: model and weights, and the method flags built from the registry.
+
+Every method parameter has a qualified flag, `--<method>-<parameter>` (e.g. `--bat-weighting`),
+and, under its bare name, `--<parameter>` (e.g. `--weighting`), which applies to the chosen method
+that has it. When several chosen methods (a sweep or a benchmark) share a bare name with different
+specs, the bare flag is ambiguous and refused with a message naming the qualified flags.
+Booleans get `--x` / `--no-x`.
+"""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Iterable
 
-from ..engine import PlanError, ReductionPlan
-from ..engine import parse_layers as engine_parse_layers
-from ..methods import METHODS
+from ..errors import PlanError
 from ..models import DEFAULT_MODEL
+from ..plan import ReductionPlan
+from ..plan import parse_layers as plan_parse_layers
+from ..registry import all_methods, get_method
 
 
 def add_model_args(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
@@ -22,49 +30,95 @@ def add_crop_arg(parser: argparse.ArgumentParser) -> None:
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
     """--layers '4,7,10' -> (4, 7, 10); None or blank stays None (the method's default). Raises PlanError."""
-    return engine_parse_layers(text, "--layers")
+    return plan_parse_layers(text, "--layers")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _flag(*parts: str) -> str:
+    return "--" + "-".join(part.replace("_", "-") for part in parts)
+
+
+def _no_flag(*parts: str) -> str:
+    return "--no-" + "-".join(part.replace("_", "-") for part in parts)
+
+
+def _qualified_dest(method: str, name: str) -> str:
+    return f"param__{method}__{name}"
 
 
 def add_method_param_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per parameter name across the registered methods; booleans get --x / --no-x."""
-    seen: dict[str, str] = {}
-    for method in METHODS.values():
+    """The method flags of every registered method (see the module docstring), grouped in -h. Call it
+    after the command's own flags: a bare name the command already uses (bench's --r and --seed)
+    gets no bare flag, only the qualified one."""
+    taken = set(parser._option_string_actions)  # noqa: SLF001 - argparse offers no public query
+    shared: dict[str, list[tuple[Any, Any]]] = {}
+    skipped: set[str] = set()
+    for method in all_methods().values():
         for spec in method.params:
-            if spec.name in seen:
-                continue
-            seen[spec.name] = method.name
-            dest = f"param_{spec.name}"
-            if spec.kind == "bool":
-                parser.add_argument(_flag(spec.name), dest=dest, action="store_true", default=None, help=f"[{method.label}] {spec.help}")
-                parser.add_argument("--no-" + spec.name.replace("_", "-"), dest=dest, action="store_false", help=f"[{method.label}] turn {spec.name} off")
+            if _flag(spec.name) in taken:
+                skipped.add(spec.name)
             else:
-                parser.add_argument(_flag(spec.name), dest=dest, default=None, help=f"[{method.label}] {spec.help} (default {spec.default})")
+                shared.setdefault(spec.name, []).append((method, spec))
+    parser.set_defaults(method_bare_skipped=tuple(sorted(skipped)))
+    bare = parser.add_argument_group("method parameters (apply to the chosen method that has them)")
+    for name, owners in shared.items():
+        dest = f"param_{name}"
+        defaults = "; ".join(f"{m.label}: default {s.default_text()}" for m, s in owners)
+        text = f"{owners[0][1].help} [{defaults}]"
+        if owners[0][1].kind == "bool":
+            bare.add_argument(_flag(name), dest=dest, action="store_true", default=None, help=text)
+            bare.add_argument(_no_flag(name), dest=dest, action="store_false", help=f"turn {name} off")
+        else:
+            bare.add_argument(_flag(name), dest=dest, default=None, metavar=name.upper(), help=text)
+    qualified = parser.add_argument_group("per-method parameters (always unambiguous)")
+    for method in all_methods().values():
+        for spec in method.params:
+            if _flag(method.name, spec.name) in taken:
+                continue
+            dest = _qualified_dest(method.name, spec.name)
+            text = f"[{method.label}] default {spec.default_text()}"
+            if spec.kind == "bool":
+                qualified.add_argument(_flag(method.name, spec.name), dest=dest, action="store_true", default=None, help=text)
+                qualified.add_argument(_no_flag(method.name, spec.name), dest=dest, action="store_false", help=argparse.SUPPRESS)
+            else:
+                qualified.add_argument(_flag(method.name, spec.name), dest=dest, default=None, metavar=spec.name.upper(), help=text)
 
 
-def method_params_from_args(args: argparse.Namespace, method_name: str) -> dict[str, Any]:
-    """The parameters of `method_name` that the user set explicitly, parsed and validated."""
+def method_params_from_args(args: argparse.Namespace, method_name: str, chosen: Iterable[str] = ()) -> dict[str, Any]:
+    """The parameters of `method_name` that the user set explicitly, parsed and validated.
+
+    Args:
+        chosen: every method of the command (a sweep's list); a bare flag whose name two of them
+            declare with different specs is ambiguous.
+    Raises:
+        PlanError: an unknown method, a bad value (naming the flag), or an ambiguous bare flag.
+    """
     if method_name == "none":
         return {}
-    if method_name not in METHODS:
-        raise PlanError(f"unknown method {method_name!r}: choose none or one of {', '.join(sorted(METHODS))}")
-    method = METHODS[method_name]
-    chosen: dict[str, Any] = {}
+    method = get_method(method_name)
+    skip_bare = getattr(args, "method_bare_skipped", ())
+    others = [get_method(name) for name in dict.fromkeys(chosen) if name not in ("none", "dense", method_name)]
+    values: dict[str, Any] = {}
     for spec in method.params:
-        value = getattr(args, f"param_{spec.name}", None)
+        flag = _flag(method.name, spec.name)
+        value = getattr(args, _qualified_dest(method.name, spec.name), None)
+        if value is None and spec.name not in skip_bare:
+            value = getattr(args, f"param_{spec.name}", None)
+            flag = _flag(spec.name)
+            if value is not None:
+                clash = [m for m in others if m.param(spec.name) is not None and m.param(spec.name) != spec]
+                if clash:
+                    names = ", ".join(_flag(m.name, spec.name) for m in [method, *clash])
+                    raise PlanError(f"{flag} is ambiguous: {', '.join(m.label for m in [method, *clash])} all take {spec.name} "
+                                    f"with different defaults; use {names}")
         if value is None:
             continue
         try:
-            chosen[spec.name] = spec.parse(value)
+            values[spec.name] = spec.parse(value)
         except ValueError as err:
-            raise PlanError(f"--{spec.name.replace('_', '-')}: {err}") from None
-    return chosen
+            raise PlanError(f"{flag}: {err}") from None
+    return values
 
 
-def make_plan(method: str, keep_rate: float, layers: tuple[int, ...] | None, params: dict[str, Any]) -> ReductionPlan:
-    if method != "none" and method not in METHODS:
-        raise PlanError(f"unknown method {method!r}: choose none or one of {', '.join(sorted(METHODS))}")
-    return ReductionPlan.make(method, keep_rate, layers, **params)
+def make_plan(args: argparse.Namespace, method: str, keep_rate: float, layers: tuple[int, ...] | None) -> ReductionPlan:
+    """The plan of `method` with the parameters set on the command line."""
+    return ReductionPlan.make(method, keep_rate, layers, **method_params_from_args(args, method))

@@ -5,19 +5,18 @@ import argparse
 import json
 import sys
 
-from ..diversity import diversity_per_block
-from ..gmacs import gmacs_report
-from ..inspect import inspect_batch, plan_params, stage_records, top_k
-from ..methods import METHODS
-from ..models import load_image, load_model, data_config
-from .common import add_crop_arg, add_method_param_args, add_model_args, make_plan, method_params_from_args, parse_layers
+from ..inspect import analyse_images, crop_pct_used
+from ..models import load_image, load_model
+from ..registry import all_methods
+from .common import add_crop_arg, add_method_param_args, add_model_args, make_plan, parse_layers
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("inspect", help="token counts, provenance and top-5 for images")
+    parser = subparsers.add_parser("inspect", help="token counts, provenance and top-5 for images", allow_abbrev=False)
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, TIFF, GIF)")
     add_model_args(parser)
-    parser.add_argument("--method", default="evit", help=f"none or one of: {', '.join(sorted(METHODS))} (default evit)")
+    first = next(iter(all_methods()))
+    parser.add_argument("--method", default=first, help=f"none or one of: {', '.join(all_methods())} (default {first})")
     parser.add_argument("--keep-rate", type=float, default=0.7, help="fraction of non-cls tokens kept per stage, in (0, 1] (default 0.7)")
     parser.add_argument("--layers", default=None, help="1-based reducing blocks, e.g. 4,7,10 (default: the method's)")
     add_method_param_args(parser)
@@ -27,37 +26,14 @@ def add_parser(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    params = method_params_from_args(args, args.method)
-    plan = make_plan(args.method, args.keep_rate, parse_layers(args.layers), params)
+    plan = make_plan(args, args.method, args.keep_rate, parse_layers(args.layers))
     # Everything that can fail on user input is checked before any model work.
     images = [load_image(path) for path in args.images]
     loaded = load_model(args.model, args.weights, args.device)
-    depth = len(loaded.model.blocks)
-    plan.validate(depth)
-    config = data_config(loaded.model, args.crop_pct)
-    inspection = inspect_batch(loaded, images, plan, args.crop_pct)
-    reduced_top5 = top_k(inspection.reduced.logits)
-    dense_top5 = top_k(inspection.dense.logits)
-    diversity = diversity_per_block(inspection.reduced)  # [B, depth], l1 medoid (methods.md §5)
-    cost = gmacs_report(loaded.model, plan, loaded.extras, inspection.reduced.token_counts)
-    records = []
-    for index, path in enumerate(args.images):
-        records.append({
-            "file": path,
-            "model": loaded.name,
-            "weights": loaded.weights_label,
-            "method": plan.method,
-            "params": plan_params(plan, depth),
-            "device": loaded.device,
-            "crop_pct": config["crop_pct"],
-            "token_counts": inspection.reduced.token_counts,
-            "stages": stage_records(inspection.reduced, index),
-            "top5": reduced_top5[index],
-            "dense_top5": dense_top5[index],
-            "diversity": [round(float(value), 6) for value in diversity[index]],
-            "gmacs": round(cost["gmacs"], 6),
-            "dense_gmacs": round(cost["dense_gmacs"], 6),
-        })
+    plan.validate(len(loaded.model.blocks))
+    crop_pct = crop_pct_used(loaded, args.crop_pct)
+    analyses = analyse_images(loaded, images, plan, args.crop_pct)
+    records = [analysis.to_json(path, loaded, crop_pct) for path, analysis in zip(args.images, analyses)]
     if args.json:
         json.dump(records, sys.stdout)
         sys.stdout.write("\n")

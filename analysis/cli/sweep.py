@@ -4,40 +4,52 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import SweepError
 from ..lists import comma_list
-from ..sweep import SweepConfig, SweepError, run_sweep
-from .common import add_crop_arg, add_model_args
+from ..sweep import SweepConfig, default_methods, run_sweep
+from .common import add_crop_arg, add_method_param_args, add_model_args, method_params_from_args
+
+DEFAULT_KEEP_RATES = "1.0,0.9,0.8,0.7,0.6,0.5"
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("sweep", help="accuracy, GMACs, diversity and throughput per method and keep rate over a labelled folder")
+    parser = subparsers.add_parser("sweep", help="accuracy, GMACs, diversity and throughput per method and keep rate over a labelled folder",
+                                   allow_abbrev=False)
     parser.add_argument("--data", required=True, help="ImageNet-style folder: WordNet-id folders, index folders, or flat images + a 'filename index' file")
     parser.add_argument("--labels", default=None, help="ground-truth file of 'filename index' lines for a flat folder (default: found in --data)")
     add_model_args(parser)
-    parser.add_argument("--methods", default="evit,etps,bat,dpc,tome", help="comma list of methods ('none' = dense) (default evit,etps,bat,dpc,tome)")
-    parser.add_argument("--keep-rates", default="1.0,0.9,0.8,0.7,0.6,0.5", help="comma list of keep rates in (0, 1] (ToMe: r matched to each budget)")
+    defaults = ",".join(default_methods())
+    parser.add_argument("--methods", default=defaults, help=f"comma list of methods ('none' = dense) (default {defaults})")
+    parser.add_argument("--keep-rates", default=DEFAULT_KEEP_RATES,
+                        help=f"comma list of keep rates in (0, 1]; a method without a keep rate (ToMe) meets each one's token budget "
+                             f"(default {DEFAULT_KEEP_RATES})")
     add_crop_arg(parser)
     parser.add_argument("--limit", type=int, default=None, help="at most N images, evenly spaced over the sorted files")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images (default 2)")
     parser.add_argument("--out", default="runs/sweep", help="output folder for results.json and results.csv (default runs/sweep)")
     parser.add_argument("--diversity-centre", default="medoid", choices=("medoid", "median"), help="centre of r(Z): medoid (BAT's) or channel-wise median")
     parser.add_argument("--diversity-size-weighted", action="store_true", help="weight each token by the patches it holds in r(Z)")
     parser.add_argument("--diversity-images", type=int, default=500, help="average r(Z) over this many images, evenly spaced (0 = none; default 500)")
-    parser.add_argument("--tome-schedule", default="constant", choices=("constant", "matched"), help="ToMe's r at each keep rate's budget: one constant r, or a per-block list")
+    parser.add_argument("--budget-schedule", "--tome-schedule", dest="budget_schedule", default="constant", choices=("constant", "matched"),
+                        help="how a method with its own budget parameter (ToMe's r) meets each keep rate's token budget: one constant value, "
+                             "or one per block (default constant)")
     parser.add_argument("--figures", default=None, metavar="DIR", help="also write the paper figures and table there (as `figures --results OUT --out DIR`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_method_param_args(parser)
     parser.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    methods = tuple(comma_list(args.methods, str, "--methods", SweepError))
+    params = {name: method_params_from_args(args, name, methods) for name in methods if name != "none"}
     config = SweepConfig(
         data=args.data, labels=args.labels, model=args.model, weights=args.weights, device=args.device,
-        methods=tuple(comma_list(args.methods, str, "--methods", SweepError)),
+        methods=methods, method_params={name: values for name, values in params.items() if values},
         keep_rates=tuple(comma_list(args.keep_rates, float, "--keep-rates", SweepError, "1.0,0.9,0.7")),
         crop_pct=args.crop_pct, limit=args.limit, batch_size=args.batch_size, workers=args.workers, out=args.out,
         diversity_centre=args.diversity_centre, diversity_size_weighted=args.diversity_size_weighted,
-        tome_schedule=args.tome_schedule, diversity_images=args.diversity_images,
+        budget_schedule=args.budget_schedule, diversity_images=args.diversity_images,
     )
     outcome = run_sweep(config, show_bar=not args.quiet)
     rows = [r for r in outcome.rows if r.get("model") == outcome.config["model"]]

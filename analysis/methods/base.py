@@ -1,23 +1,43 @@
-"""The one mechanism every token-reduction method shares.
+"""The one mechanism every token-reduction method shares, and the `Method` class a method fills in.
 
 A method only decides *who goes where with what weight*: it returns a `TokenAssignment` that maps
-each current token to at most one output token. `apply_assignment` then updates hidden states,
-token sizes and provenance with the same scatter (a row-wise index_add), on whatever device the tensors live
-(see ../shared/docs/architecture.md, "One mechanism for every method").
+each current token to at most one output token, with a rule for how the members of an output
+token combine. `apply_assignment` then updates hidden states and token sizes with one row-wise
+scatter, and the engine derives the provenance of every original patch from the same record
+(docs/architecture.md, "One mechanism for every method").
+
+A method is one class in one file (`analysis/methods/<name>.py`, or a plugin file anywhere) that
+declares everything the rest of tokenscope needs: its parameters, what it needs from the block,
+where it acts, its own MACs (`own_macs`), how it meets a keep rate's token budget (`budget`), its
+colour and marker, and which comparison rows it joins. Nothing outside that file names it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
+from ..errors import PlanError
 from ..lists import comma_list
+from ..plan import ReductionPlan
+from ..provenance import KIND_CODE, KINDS  # noqa: F401  (re-exported for method files)
+from ..registry import register  # noqa: F401  (re-exported: `from .base import register`)
 
-# Token kinds, as the CLI JSON spells them (methods.md §7). Stored as small integer codes.
-KINDS: tuple[str, ...] = ("cls", "kept", "fused", "host", "pair", "cluster", "merged")
-KIND_CODE: dict[str, int] = {name: code for code, name in enumerate(KINDS)}
+# What a method may ask the engine to compute at a reducing block ("inside" methods only: the
+# block's own attention). Each is computed only when some method asks for it.
+#   cls_attention        [B, N-1] head-averaged post-softmax attention of cls to every other token
+#   cls_attention_heads  [B, H, N-1] the same per head
+#   keys / queries / values              [B, N, d] averaged over heads
+#   keys_heads / queries_heads / values_heads  [B, H, N, d] per head
+#   attention            [B, H, N, N] the full post-softmax attention (O(N^2) memory; counted in GMACs)
+NEEDS: frozenset[str] = frozenset({
+    "cls_attention", "cls_attention_heads", "keys", "keys_heads", "queries", "queries_heads",
+    "values", "values_heads", "attention",
+})
+
+Combine = Union[str, Callable[[torch.Tensor, "TokenAssignment", torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -29,24 +49,40 @@ class TokenAssignment:
             token (index 0) must go to output 0.
         weight: [B, N] float, each token's weight in its output token.
         n_out: number of output tokens (cls included), the same for every image of the batch.
-        normalize: True: an output token is the weighted mean of its inputs (weights divided by
-            their sum); False: the weighted sum (EViT's fused token, methods.md §2).
-        kinds: [B, n_out] long codes into `KINDS`.
+        kinds: [B, n_out] long codes into `KINDS` (use `token_kinds`).
+        combine: how the members of an output token combine:
+            "mean": the weighted mean (weights divided by their sum per output token);
+            "sum": the weighted sum with the raw weights (EViT's fused token, methods.md §2);
+            a callable `(x [B, N, C], assignment, share [B, N]) -> [B, n_out, C]`, given the
+            normalised weights `share` (weight / sum of weights per output token), for a rule of
+            the method's own (e.g. a norm-preserving merge); `weighted_rows` does the scatter.
         pruned: optional [B, N] bool, the tokens that lost their own slot at this stage (pruned
             and fused or squeezed into a host); the dispatch maps draw these.
         extra: optional arrays a method wants on its stage record, copied as they are; per patch
             [B, P] or per output token [B, n_out], as the method documents (e.g. TPS's "dispatch":
-            [B, n_out] self weight of every output token; its presence makes the CLI JSON list the
-            dispatched patches).
+            [B, n_out] self weight of every output token).
     """
 
     dest: torch.Tensor
     weight: torch.Tensor
     n_out: int
-    normalize: bool
     kinds: torch.Tensor
+    combine: Combine = "mean"
     pruned: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def weighted_rows(x: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, n_out: int) -> torch.Tensor:
+    """`out[b, dest[b, i]] += weight[b, i] * x[b, i]` for every token with dest >= 0: [B, n_out, C].
+
+    A row-wise index_add over the flattened batch rather than scatter_add with an index expanded over
+    channels: whole rows are added at once, about twice as fast on the CPU (bench measures it).
+    `weight` must already be 0 where dest < 0."""
+    batch, _, channels = x.shape
+    rows = (dest.clamp(min=0) + torch.arange(batch, device=dest.device).unsqueeze(1) * n_out).reshape(-1)
+    out = x.new_zeros(batch * n_out, channels)
+    out.index_add_(0, rows, (x * weight.unsqueeze(-1)).reshape(-1, channels))
+    return out.view(batch, n_out, channels)
 
 
 def apply_assignment(assignment: TokenAssignment, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,35 +92,111 @@ def apply_assignment(assignment: TokenAssignment, x: torch.Tensor, sizes: torch.
         x: [B, N, C] hidden states.
         sizes: [B, N] float, how many original tokens each current token holds.
     Returns:
-        (x_out [B, n_out, C], sizes_out [B, n_out], normalized_weight [B, N]); the last is each
-        token's share of its output token (weight / sum of weights there, or the raw weight when
-        `normalize` is False), 0 for discarded tokens.
+        (x_out [B, n_out, C], sizes_out [B, n_out], share [B, N]); `share` is each token's share of
+        its output token (weight / sum of weights there, or the raw weight for "sum"), 0 for
+        discarded tokens. Sizes always add up.
+    Raises:
+        ValueError: an unknown `combine` rule.
     """
-    batch, _, channels = x.shape
+    batch = x.shape[0]
     keep = assignment.dest >= 0
     dest = assignment.dest.clamp(min=0)
     weight = torch.where(keep, assignment.weight.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
-    if assignment.normalize:
+    rule = assignment.combine
+    if rule == "sum":
+        share = weight
+    else:
         # Normalise the [B, N] weights first, so the weighted mean costs no pass over [B, n_out, C].
         denominator = weight.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, weight)
         share = weight / denominator.gather(1, dest).clamp(min=torch.finfo(x.dtype).tiny)
+    if rule in ("mean", "sum"):
+        out = weighted_rows(x, assignment.dest, share, assignment.n_out)
+    elif callable(rule):
+        out = rule(x, assignment, share)
     else:
-        share = weight
-    # Row-wise index_add_ over the flattened batch rather than scatter_add_ with an index expanded
-    # over channels: whole rows are added at once, about twice as fast on the CPU
-    # (analysis/bench.py measures the forward).
-    rows = (dest + torch.arange(batch, device=dest.device).unsqueeze(1) * assignment.n_out).reshape(-1)
-    out = x.new_zeros(batch * assignment.n_out, channels)
-    out.index_add_(0, rows, (x * share.unsqueeze(-1)).reshape(-1, channels))
-    out = out.view(batch, assignment.n_out, channels)
+        raise ValueError(f"unknown combine rule {rule!r}: use 'mean', 'sum' or a callable")
     sizes_out = sizes.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, torch.where(keep, sizes, torch.zeros_like(sizes)))
     return out, sizes_out, share
+
+
+def token_kinds(body: torch.Tensor | str, n_out: int | None = None, batch: int | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """[B, n_out] kind codes with the class token's kind at index 0.
+
+    Args:
+        body: either a kind name for every non-cls output token (then give n_out, batch, device),
+            or a [B, n_out - 1] long tensor of codes for them.
+    """
+    if isinstance(body, str):
+        kinds = torch.full((batch, n_out), KIND_CODE[body], dtype=torch.long, device=device)
+    else:
+        kinds = torch.cat([body.new_zeros(body.shape[0], 1), body.long()], dim=1)
+    kinds[:, 0] = KIND_CODE["cls"]
+    return kinds
+
+
+def keep_assignment(kept: torch.Tensor, n_tokens: int, fuse_weight: torch.Tensor | None = None) -> TokenAssignment:
+    """"Keep these k tokens, drop or fuse the rest", the assignment of every pruning method.
+
+    Args:
+        kept: [B, k] long indices (>= 1) into the current sequence of the tokens that keep a slot,
+            in output order.
+        n_tokens: N, the current sequence length (cls included).
+        fuse_weight: None to drop the other tokens; else [B, N] weights with which all of them
+            are summed into one extra "fused" token appended last (EViT, methods.md §2; the
+            weights of kept tokens are ignored).
+    Returns:
+        the assignment `[cls, kept..., (fused)]`, kinds "kept" (and "fused"); `pruned` marks the
+        fused tokens. Combine rule "sum" when fusing (the kept tokens have weight 1).
+    """
+    batch, k = kept.shape
+    device = kept.device
+    fuse = fuse_weight is not None
+    dest = torch.full((batch, n_tokens), k + 1 if fuse else -1, dtype=torch.long, device=device)
+    dest[:, 0] = 0
+    dest.scatter_(1, kept, torch.arange(1, k + 1, device=device).expand(batch, k))
+    n_out = k + 2 if fuse else k + 1
+    kinds = token_kinds("kept", n_out, batch, device)
+    pruned = None
+    weight = torch.ones(batch, n_tokens, dtype=torch.float32, device=device)
+    if fuse:
+        pruned = dest == k + 1
+        weight = torch.where(pruned, fuse_weight.to(weight.dtype), weight)
+        kinds[:, -1] = KIND_CODE["fused"]
+    return TokenAssignment(dest=dest, weight=weight, n_out=n_out, kinds=kinds, combine="sum" if fuse else "mean", pruned=pruned)
 
 
 def kept_count(keep_rate: float, n: int) -> int:
     """`ceil(keep_rate * n)` (EViT, methods.md §2), with the product rounded to 9 decimals first so
     that float noise such as 0.7 * 100 = 70.00000000000001 does not keep one token too many."""
     return min(n, max(1, math.ceil(round(keep_rate * n, 9))))
+
+
+def complement(selected: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n - s] long: the non-cls token indices 1..n that are not in `selected` [B, s], ascending
+    (the pruned / inattentive tokens beside a selection)."""
+    batch = selected.shape[0]
+    chosen = torch.zeros(batch, n + 1, dtype=torch.bool, device=selected.device)
+    chosen[:, 0] = True
+    chosen.scatter_(1, selected, True)
+    return torch.sort(chosen.to(torch.uint8), dim=1, stable=True).indices[:, : n - selected.shape[1]]
+
+
+def keep_rate_counts(keep_rate: float, depth: int = 12, n0: int = 197, layers: Sequence[int] = (4, 7, 10), extra: int = 0) -> list[int]:
+    """Tokens (cls included) leaving each block for EViT's selection at `keep_rate` (methods.md
+    §2): ceil(rho n) non-cls tokens kept at each reducing layer, n counting every non-cls token
+    present. `extra` tokens are added after each stage (EViT's fused token: 1). DeiT at 224 px,
+    rho 0.7, layers 4, 7, 10: 197 -> 139 -> 98 -> 69 (extra 0), 197 -> 140 -> 100 -> 72 (extra 1).
+    The budget every keep-rate method shares, and what others match (`Method.budget`)."""
+    counts, n = [], n0
+    for block in range(1, depth + 1):
+        if block in layers:
+            non_cls = n - 1
+            kept = kept_count(keep_rate, non_cls)
+            if kept < non_cls:
+                n = 1 + kept + extra
+        counts.append(n)
+    return counts
 
 
 @dataclass(frozen=True)
@@ -141,6 +253,12 @@ class ParamSpec:
         if self.maximum is not None and number > self.maximum:
             raise ValueError(f"{self.name} must be at most {self.maximum}, got {number}")
 
+    def default_text(self) -> str:
+        """The default as a user would type it (lists comma-separated)."""
+        if isinstance(self.default, tuple):
+            return ",".join(map(str, self.default))
+        return str(self.default)
+
 
 @dataclass
 class ReduceContext:
@@ -148,43 +266,109 @@ class ReduceContext:
 
     Attributes:
         x: [B, N, C] hidden states (after the attention residual for methods acting inside a
-            block, the block input for methods acting before one).
+            block, the block input for methods acting before one); token 0 is the class token.
         sizes: [B, N] float, original tokens held by each token (cls counts 1, ToMe's convention).
-        cls_attention: [B, N-1] head-averaged post-softmax attention of cls to every non-cls token
-            in the current block (methods.md §1), or None when the method does not need it.
-        keys: [B, N, d] keys averaged over heads (ToMe's metric), or None when not needed.
         keep_rate: the plan's keep rate.
         stage: 0-based index of this stage among the plan's reducing layers.
-        block_index: 0-based index of the block.
-        params: the plan's parameters, defaults filled in.
+        block_index: 0-based index of the block; depth: the model's number of blocks.
+        layers: the plan's 1-based reducing layers.
+        params: the plan's parameters, parsed, defaults filled in.
         num_patches: the number of original patches (196 for DeiT at 224 px).
         extras: method weights loaded with the checkpoint (e.g. "score_predictor"), or {}.
+        cls_attention ... attention: what the method declared in `Method.needs` (see `NEEDS`),
+            computed from this block's attention; None when not asked for.
     """
 
     x: torch.Tensor
     sizes: torch.Tensor
-    cls_attention: torch.Tensor | None
-    keys: torch.Tensor | None
     keep_rate: float
     stage: int
     block_index: int
     params: dict[str, Any]
     num_patches: int
+    depth: int = 12
+    layers: tuple[int, ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
+    cls_attention: torch.Tensor | None = None
+    cls_attention_heads: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    keys_heads: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    queries_heads: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    values_heads: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """What a method's own cost depends on at one reducing block (per image).
+
+    Attributes:
+        n_in / n_out: non-cls tokens before and after the reduction.
+        channels: C; heads: H (head dim C / H).
+        keep_rate: the plan's keep rate; params: the method's parameters (defaults filled in).
+        acted: False when the stage changed nothing (e.g. keep rate 1.0).
+        stage: 0-based index among the reducing layers; layer: 1-based block.
+    """
+
+    n_in: int
+    n_out: int
+    channels: int
+    heads: int
+    keep_rate: float
+    params: dict[str, Any]
+    acted: bool
+    stage: int = 0
+    layer: int = 0
+
+
+# Comparison rows of the main page: each method says which rows it joins (`Method.comparison`).
+COMPARISON_ROWS: dict[str, str] = {
+    "importance-diversity": "Comparison at one budget: importance, diversity and both (BAT's figure)",
+}
+
+
+@dataclass(frozen=True)
+class ComparisonEntry:
+    """A method's place in a comparison row.
+
+    Attributes:
+        row: a key of `COMPARISON_ROWS`; order: its position in the row (ascending);
+        title: the panel title; params: parameter overrides for the row (e.g. EViT without fusion).
+    """
+
+    row: str
+    order: int
+    title: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+
+# Distinct colours for methods that declare none (tab10, then tab20's darker half), used in order.
+SPARE_COLOURS: tuple[str, ...] = (
+    "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173",
+    "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#9c9ede", "#cedb9c", "#e7ba52",
+)
+SPARE_MARKERS: tuple[str, ...] = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "p", "*")
 
 
 class Method:
     """Base class of a token-reduction method; subclasses fill in the class attributes and `assign`.
 
     Attributes:
-        name: the CLI name (`--method NAME`).
+        name: the CLI name (`--method NAME`), a lower-case identifier.
         label: the name shown in the app and figures.
         paper: the source, e.g. "EViT, Liang et al., ICLR 2022".
         acts: "inside" (after the attention residual, before the MLP) or "before" (on the block input).
-        default_layers: 1-based reducing layers, or None for every block (ToMe).
-        needs_cls_attention / needs_keys: what the engine must compute at a reducing block.
+        default_layers: 1-based reducing layers, or None for every block.
+        needs: what the engine must compute at a reducing block (a subset of `NEEDS`).
         params: the method's parameters.
         uses_keep_rate: False for methods driven by another budget (ToMe's r).
+        colour / marker: its hex colour and matplotlib marker in every chart and figure (None: a
+            spare colour / marker by registration order, see `viz.palette`).
+        comparison: the comparison rows it joins.
+        rank: its place in method lists (ascending; ties by registration order; plugins 1000).
+        in_default_sweep: part of `sweep`'s default --methods.
     """
 
     name: str = ""
@@ -192,14 +376,48 @@ class Method:
     paper: str = ""
     acts: str = "inside"
     default_layers: tuple[int, ...] | None = (4, 7, 10)
-    needs_cls_attention: bool = False
-    needs_keys: bool = False
+    needs: frozenset[str] = frozenset()
     uses_keep_rate: bool = True
     params: tuple[ParamSpec, ...] = ()
+    colour: str | None = None
+    marker: str | None = None
+    comparison: tuple[ComparisonEntry, ...] = ()
+    rank: int = 1000
+    in_default_sweep: bool = False
 
     def assign(self, ctx: ReduceContext) -> TokenAssignment | None:
         """The assignment at one stage, or None when the stage changes nothing."""
         raise NotImplementedError
+
+    def own_macs(self, shape: StageShape) -> tuple[float, ...]:
+        """The method's own MACs at one stage, per image: (matrix products, element-wise[,
+        distance matrices]) (methods.md §8). What the engine computes for `needs` is counted by
+        `analysis.gmacs` and must not be included. Default: nothing."""
+        return 0.0, 0.0
+
+    def budget(self, keep_rate: float, depth: int, n0: int, *, layers: Sequence[int] | None = None,
+               schedule: str = "constant", target_counts: Sequence[int] | None = None) -> ReductionPlan:
+        """The plan with which this method meets a keep rate's token budget.
+
+        Args:
+            keep_rate: the budget, as EViT's selection without fusion at that keep rate
+                (`keep_rate_counts`) at `layers` (default 4, 7, 10).
+            depth / n0: blocks and tokens entering the first block (197 for DeiT at 224 px).
+            schedule: "constant" (one setting for every reducing block) or "matched" (per block),
+                for methods with their own budget parameter; keep-rate methods ignore it.
+            target_counts: tokens leaving each block to follow as closely as possible (the main
+                page's comparison rows); None: the keep rate's own counts.
+        Returns:
+            a plan; a keep-rate method returns itself at `keep_rate` (and `layers`).
+        Raises:
+            PlanError: the method cannot meet budgets (override `budget`).
+        """
+        if not self.uses_keep_rate:
+            raise PlanError(f"{self.label} has no keep rate and defines no budget() to meet one")
+        return ReductionPlan.make(self.name, keep_rate, None if layers is None else tuple(layers))
+
+    def check_plan(self, plan: ReductionPlan, depth: int) -> None:
+        """Method-specific checks of a plan beyond its parameters' ranges (raise PlanError)."""
 
     def proportional_attention(self, params: dict[str, Any]) -> bool:
         """True when attention logits get log(size) added for every key (ToMe)."""
@@ -212,29 +430,6 @@ class Method:
     def describe(self) -> str:
         return f"{self.label} ({self.paper})"
 
-
-METHODS: dict[str, Method] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a method to the registry under its `name`."""
-    METHODS[cls.name] = cls()
-    return cls
-
-
-def get_method(name: str) -> Method:
-    """The registered method called `name`. Raises KeyError with the known names."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise KeyError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}") from None
-
-
-def complement(selected: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n - s] long: the non-cls token indices 1..n that are not in `selected` [B, s], ascending
-    (the pruned / inattentive tokens beside a selection)."""
-    batch = selected.shape[0]
-    chosen = torch.zeros(batch, n + 1, dtype=torch.bool, device=selected.device)
-    chosen[:, 0] = True
-    chosen.scatter_(1, selected, True)
-    return torch.sort(chosen.to(torch.uint8), dim=1, stable=True).indices[:, : n - selected.shape[1]]
+    def param(self, name: str) -> ParamSpec | None:
+        """The `ParamSpec` called `name`, or None."""
+        return next((spec for spec in self.params if spec.name == name), None)

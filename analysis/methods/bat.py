@@ -17,7 +17,10 @@ import math
 
 import torch
 
-from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, kept_count, complement, register
+from .base import (
+    KIND_CODE, ComparisonEntry, Method, ParamSpec, ReduceContext, StageShape, TokenAssignment, complement, kept_count, register,
+    token_kinds,
+)
 from .evit import select_attentive
 from .tome import bipartite_match
 
@@ -128,10 +131,14 @@ def bat_budget(n: int, keep_rate: float, beta: float) -> tuple[int, int, int]:
 @register
 class BAT(Method):
     name = "bat"
+    rank = 50
+    in_default_sweep = True
     label = "BAT (reconstructed)"
     paper = "BAT, Long et al., CVPR 2023 (no code released; reconstructed from the paper)"
-    needs_cls_attention = True
-    needs_keys = True
+    needs = frozenset({"cls_attention", "keys"})
+    colour = "#d62728"
+    marker = "D"
+    comparison = (ComparisonEntry("importance-diversity", 3, "BAT (reconstructed)"),)
     params = (
         ParamSpec(
             "beta", 0.5, "float",
@@ -159,7 +166,7 @@ class BAT(Method):
         attention = ctx.cls_attention
         batch, n = attention.shape
         device = attention.device
-        k, c, r = bat_budget(n, ctx.keep_rate, float(ctx.params["beta"]))
+        k, c, r = bat_budget(n, ctx.keep_rate, ctx.params["beta"])
         if k == n:
             return None
         attentive = select_attentive(attention, ctx.keep_rate)  # [B, K], descending attention
@@ -181,31 +188,43 @@ class BAT(Method):
 
         # Inattentive branch: c clusters after the K - r attentive slots.
         features = ctx.x.gather(1, inattentive.unsqueeze(-1).expand(-1, -1, ctx.x.shape[-1]))
-        cluster, _ = dpc_knn(features, c, int(ctx.params["knn"]))
+        cluster, _ = dpc_knn(features, c, ctx.params["knn"])
         n_attentive = k - r
         dest.scatter_(1, inattentive, cluster + n_attentive + 1)
         n_out = 1 + n_attentive + c
 
-        kinds = torch.full((batch, n_out), KIND_CODE["cluster"], dtype=torch.long, device=device)
-        kinds[:, 0] = KIND_CODE["cls"]
+        kinds = token_kinds("cluster", n_out, batch, device)
         pair = torch.zeros(batch, n_out, dtype=torch.bool, device=device)
         if src is not None:
             pair.scatter_(1, slot.gather(1, dst), True)
         kinds[:, 1: n_attentive + 1] = torch.where(pair[:, 1: n_attentive + 1], KIND_CODE["pair"], KIND_CODE["kept"])
         pruned = torch.zeros(batch, n + 1, dtype=torch.bool, device=device)
         pruned.scatter_(1, inattentive, True)
-        return TokenAssignment(
-            dest=dest, weight=combine_weight(ctx, ctx.params["weighting"]), n_out=n_out, normalize=True,
-            kinds=kinds, pruned=pruned,
-        )
+        return TokenAssignment(dest=dest, weight=combine_weight(ctx, ctx.params["weighting"]), n_out=n_out, kinds=kinds, pruned=pruned)
+
+    def own_macs(self, shape: StageShape) -> tuple[float, float, float]:
+        """DPC-kNN's distances on the inattentive tokens (M^2 C), the bipartite matching on the attentive
+        keys (ceil(K/2) floor(K/2) d), and one weighted mean over every token (n C)."""
+        if not shape.acted:
+            return 0.0, 0.0, 0.0
+        attentive = kept_count(shape.keep_rate, shape.n_in)
+        inattentive = shape.n_in - attentive
+        d = shape.channels if shape.params.get("match_on") == "hidden" else shape.channels // shape.heads
+        matching = math.ceil(attentive / 2) * (attentive // 2) * d
+        return float(matching), float(shape.n_in * shape.channels), float(inattentive * inattentive * shape.channels)
 
 
 @register
 class DiversityClustering(Method):
     name = "dpc"
+    rank = 60
+    in_default_sweep = True
     label = "Diversity-only clustering (DPC-kNN)"
     paper = "the diversity-based baseline of BAT (Long et al., CVPR 2023), DPC-kNN as in TCFormer (Zeng et al., CVPR 2022)"
-    needs_cls_attention = True  # only for the "attention" weighting and the stage records
+    needs = frozenset({"cls_attention"})  # only for the "attention" weighting and the stage records
+    colour = "#2ca02c"
+    marker = "^"
+    comparison = (ComparisonEntry("importance-diversity", 2, "diversity-based: DPC-kNN"),)
     params = (
         KNN,
         ParamSpec(
@@ -226,11 +245,14 @@ class DiversityClustering(Method):
         if k == n:
             return None
         device = ctx.x.device
-        cluster, _ = dpc_knn(ctx.x[:, 1:], k, int(ctx.params["knn"]))
+        cluster, _ = dpc_knn(ctx.x[:, 1:], k, ctx.params["knn"])
         dest = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), cluster + 1], dim=1)
         members = torch.zeros(batch, k + 1, dtype=torch.long, device=device).scatter_add_(1, dest, torch.ones_like(dest))
-        kinds = torch.where(members > 1, KIND_CODE["cluster"], KIND_CODE["kept"])
-        kinds[:, 0] = KIND_CODE["cls"]
-        return TokenAssignment(
-            dest=dest, weight=combine_weight(ctx, ctx.params["weighting"]), n_out=k + 1, normalize=True, kinds=kinds,
-        )
+        kinds = token_kinds(torch.where(members[:, 1:] > 1, KIND_CODE["cluster"], KIND_CODE["kept"]))
+        return TokenAssignment(dest=dest, weight=combine_weight(ctx, ctx.params["weighting"]), n_out=k + 1, kinds=kinds)
+
+    def own_macs(self, shape: StageShape) -> tuple[float, float, float]:
+        """DPC-kNN's distances over all n tokens (n^2 C) and one weighted mean over every token (n C)."""
+        if not shape.acted:
+            return 0.0, 0.0, 0.0
+        return 0.0, float(shape.n_in * shape.channels), float(shape.n_in * shape.n_in * shape.channels)

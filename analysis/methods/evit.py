@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, kept_count, register
+from .base import ComparisonEntry, Method, ParamSpec, ReduceContext, StageShape, TokenAssignment, keep_assignment, kept_count, register
 
 
 def select_attentive(cls_attention: torch.Tensor, keep_rate: float) -> torch.Tensor:
@@ -22,34 +22,33 @@ def select_attentive(cls_attention: torch.Tensor, keep_rate: float) -> torch.Ten
 @register
 class EViT(Method):
     name = "evit"
+    rank = 10
+    in_default_sweep = True
     label = "EViT"
     paper = "EViT, Liang et al., ICLR 2022"
-    needs_cls_attention = True
+    needs = frozenset({"cls_attention"})
+    colour = "#1f77b4"
+    marker = "o"
     params = (
         ParamSpec("fuse", True, "bool", "Fuse the inattentive tokens into one extra token (EViT's default); off drops them."),
     )
+    comparison = (ComparisonEntry("importance-diversity", 1, "importance-based: EViT", (("fuse", False),)),)
 
     def assign(self, ctx: ReduceContext) -> TokenAssignment | None:
         """EViT at one stage: [cls, kept (descending class attention), fused]; the fused token is the
         class-attention-weighted *sum* of the pruned tokens (methods.md §2, not normalised)."""
         attention = ctx.cls_attention
-        batch, n = attention.shape
+        n = attention.shape[1]
         kept = select_attentive(attention, ctx.keep_rate)
-        k = kept.shape[1]
-        if k == n:
+        if kept.shape[1] == n:
             return None
-        fuse = bool(ctx.params["fuse"])
-        device = attention.device
-        dest = torch.full((batch, n + 1), k + 1 if fuse else -1, dtype=torch.long, device=device)
-        dest[:, 0] = 0
-        dest.scatter_(1, kept, torch.arange(1, k + 1, device=device).expand(batch, k))
-        pruned = dest[:, 1:] > k
-        weight = torch.ones(batch, n + 1, dtype=attention.dtype, device=device)
-        weight[:, 1:] = torch.where(pruned, attention, weight[:, 1:])
-        n_out = k + 2 if fuse else k + 1
-        kinds = torch.full((batch, n_out), KIND_CODE["kept"], dtype=torch.long, device=device)
-        kinds[:, 0] = KIND_CODE["cls"]
-        if fuse:
-            kinds[:, -1] = KIND_CODE["fused"]
-        pruned_full = torch.cat([torch.zeros(batch, 1, dtype=torch.bool, device=device), pruned], 1)
-        return TokenAssignment(dest=dest, weight=weight, n_out=n_out, normalize=False, kinds=kinds, pruned=pruned_full)
+        fuse_weight = None
+        if ctx.params["fuse"]:
+            fuse_weight = torch.cat([attention.new_ones(attention.shape[0], 1), attention], dim=1)
+        return keep_assignment(kept, n + 1, fuse_weight)
+
+    def own_macs(self, shape: StageShape) -> tuple[float, float]:
+        """The fused token's weighted sum: one multiply-add per channel of every pruned token."""
+        if not (shape.acted and shape.params.get("fuse", True)):
+            return 0.0, 0.0
+        return 0.0, float((shape.n_in - kept_count(shape.keep_rate, shape.n_in)) * shape.channels)

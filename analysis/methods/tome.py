@@ -4,27 +4,26 @@ In every block (by default), after the attention residual and before the MLP, r 
 their most similar partners; proportional attention adds log(size) of every key to the attention
 logits (the engine passes it to SDPA as an additive mask).
 
-Budget helpers, for comparing ToMe with the keep-rate methods at the same cost:
+Budget helpers, for comparing ToMe with the keep-rate methods at the same cost (`ToMe.budget`):
 - `tome_counts(r, depth, n0)`: the tokens leaving each block for an r schedule.
-- `keep_rate_counts(keep_rate, depth, n0, layers, fuse)`: the same for EViT / eTPS / BAT / dpc
-  (EViT's ceil(rho n) per stage; `fuse=True` adds EViT's fused token).
 - `matched_r_schedule(target_counts, n0)`: a per-block r whose counts follow a target per block.
 - `r_for_keep_rate(keep_rate, ...)`: a constant r (or the matched list) whose total token budget,
-  the sum of tokens over blocks (the GMACs proxy), best matches a keep-rate method.
+  the sum of tokens over blocks (the GMACs proxy), best matches a keep-rate method
+  (`base.keep_rate_counts`).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
-from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, kept_count, register
-
-
-def _plan_error(message: str) -> Exception:
-    from ..engine import PlanError  # the engine imports this package; import late
-
-    return PlanError(message)
+from ..errors import PlanError
+from ..plan import ReductionPlan
+from .base import (
+    KIND_CODE, ComparisonEntry, Method, ParamSpec, ReduceContext, StageShape, TokenAssignment, keep_rate_counts, register,
+    token_kinds,
+)
 
 
 def r_at_stage(r: int | Sequence[int], stage: int) -> int:
@@ -34,7 +33,7 @@ def r_at_stage(r: int | Sequence[int], stage: int) -> int:
     cannot see the plan's length, so entries beyond the last reducing layer are simply unused)."""
     if isinstance(r, (list, tuple)):
         if stage >= len(r):
-            raise _plan_error(
+            raise PlanError(
                 f"ToMe's r list has {len(r)} entries but the plan reduces at more layers; give one r per reducing layer "
                 "(12 for every block of DeiT) or a single number"
             )
@@ -79,7 +78,7 @@ def tome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int) -> TokenAss
         sizes: [B, N] float, original tokens held (cls 1).
         r: merges in this block.
     Returns:
-        the assignment (weights = sizes, normalize=True; kinds "merged" for tokens holding more
+        the assignment (weights = sizes, weighted mean; kinds "merged" for tokens holding more
         than one original token, "kept" otherwise), or None when r <= 0.
     """
     batch, n, _ = keys.shape
@@ -100,19 +99,23 @@ def tome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int) -> TokenAss
     dest[:, 1::2] = torch.arange(n_unmerged, n_unmerged + n_b, device=device).expand(batch, n_b)
     n_out = n_unmerged + n_b
     sizes_out = sizes.new_zeros(batch, n_out).scatter_add_(1, dest, sizes)
-    kinds = torch.where(sizes_out > 1, KIND_CODE["merged"], KIND_CODE["kept"])
-    kinds[:, 0] = KIND_CODE["cls"]
-    return TokenAssignment(dest=dest, weight=sizes.float(), n_out=n_out, normalize=True, kinds=kinds)
+    kinds = token_kinds(torch.where(sizes_out[:, 1:] > 1, KIND_CODE["merged"], KIND_CODE["kept"]))
+    return TokenAssignment(dest=dest, weight=sizes.float(), n_out=n_out, kinds=kinds)
 
 
 @register
 class ToMe(Method):
     name = "tome"
+    rank = 70
+    in_default_sweep = True
     label = "ToMe"
     paper = "ToMe, Bolya et al., ICLR 2023"
     default_layers = None  # every block
-    needs_keys = True
+    needs = frozenset({"keys"})
     uses_keep_rate = False
+    colour = "#9467bd"
+    marker = "v"
+    comparison = (ComparisonEntry("importance-diversity", 5, "ToMe"),)
     params = (
         ParamSpec(
             "r", 13, "int_list",
@@ -129,6 +132,37 @@ class ToMe(Method):
 
     def proportional_attention(self, params: dict) -> bool:
         return bool(params.get("prop_attn", True))
+
+    def check_plan(self, plan: ReductionPlan, depth: int) -> None:
+        """An r list needs one entry per reducing layer."""
+        r = plan.param_dict()["r"]
+        layers = plan.reducing_layers(depth)
+        if isinstance(r, tuple) and len(r) < len(layers):
+            r_at_stage(r, len(layers) - 1)  # raises the one message for this mistake
+
+    def own_macs(self, shape: StageShape) -> tuple[float, float]:
+        """The bipartite scores on head-averaged keys (ceil(N/2) floor(N/2) d, cls in the split) and
+        the merge of the r tokens (r C)."""
+        if not shape.acted:
+            return 0.0, 0.0
+        n = shape.n_in + 1
+        d = shape.channels // shape.heads
+        return float(math.ceil(n / 2) * (n // 2) * d), float((shape.n_in - shape.n_out) * shape.channels)
+
+    def budget(self, keep_rate: float, depth: int, n0: int, *, layers: Sequence[int] | None = None,
+               schedule: str = "constant", target_counts: Sequence[int] | None = None) -> ReductionPlan:
+        """ToMe at a keep rate's budget: `matched_r_schedule(target_counts)` when counts are given,
+        else `r_for_keep_rate` against EViT's selection without fusion at `layers` (4, 7, 10).
+        ToMe merges in every block, so the plan keeps its every-block default.
+        Raises PlanError for an unknown schedule."""
+        if target_counts is not None:
+            r = matched_r_schedule(target_counts, n0)
+        else:
+            try:
+                r = r_for_keep_rate(keep_rate, depth, n0, tuple(layers or (4, 7, 10)), fuse=False, schedule=schedule)
+            except ValueError as err:
+                raise PlanError(f"ToMe budget: {err}") from None
+        return ReductionPlan.make(self.name, 1.0, None, r=r)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,22 +182,6 @@ def tome_counts(r: int | Sequence[int], depth: int = 12, n0: int = 197, layers: 
     return counts
 
 
-def keep_rate_counts(keep_rate: float, depth: int = 12, n0: int = 197, layers: Sequence[int] = (4, 7, 10), fuse: bool = False) -> list[int]:
-    """Tokens (cls included) leaving each block for EViT's selection at `keep_rate` (methods.md
-    §2): ceil(rho n) non-cls tokens kept at each reducing layer, n counting every non-cls token
-    (an earlier fused token included). `fuse=False` gives eTPS, BAT, dpc and EViT without fusion
-    (197 -> 139 -> 98 -> 69 at 0.7); `fuse=True` EViT's default (197 -> 140 -> 100 -> 72)."""
-    counts, n = [], n0
-    for block in range(1, depth + 1):
-        if block in layers:
-            non_cls = n - 1
-            kept = kept_count(keep_rate, non_cls)
-            if kept < non_cls:
-                n = 1 + kept + (1 if fuse else 0)
-        counts.append(n)
-    return counts
-
-
 def matched_r_schedule(target_counts: Sequence[int], n0: int = 197) -> tuple[int, ...]:
     """A per-block ToMe r schedule whose token counts follow `target_counts` (methods.md §6 budget).
 
@@ -174,7 +192,7 @@ def matched_r_schedule(target_counts: Sequence[int], n0: int = 197) -> tuple[int
 
     Args:
         target_counts: tokens (cls included) leaving each block of the other method, e.g.
-            `keep_rate_counts(0.7)` = [197, 197, 197, 139, 139, 139, 98, 98, 98, 69, 69, 69].
+            `base.keep_rate_counts(0.7)` = [197, 197, 197, 139, 139, 139, 98, 98, 98, 69, 69, 69].
         n0: tokens entering the first block (197 for DeiT at 224 px).
     Returns:
         r per block, one per entry of `target_counts` (use as the plan's `r` with every block
@@ -204,7 +222,7 @@ def r_for_keep_rate(
 
     Raises ValueError for an unknown schedule.
     """
-    target = keep_rate_counts(keep_rate, depth, n0, layers, fuse)
+    target = keep_rate_counts(keep_rate, depth, n0, layers, extra=1 if fuse else 0)
     if schedule == "matched":
         return matched_r_schedule(target, n0)
     if schedule != "constant":

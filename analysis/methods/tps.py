@@ -6,7 +6,7 @@ Dynamic Token Sparsification", NeurIPS 2021 (the score predictor). Spec: methods
 
 The squeeze operator (methods.md §3) is written as one `TokenAssignment`: every pruned token goes
 to its most similar kept token (its host) with weight e^{c_jh}, every kept token to itself with
-weight e (its logit is fixed at 1), and `normalize=True` turns this into
+weight e (its logit is fixed at 1), and the weighted mean turns this into
 `R'_h = (e R_h + sum_j e^{c_jh} Q_j) / (e + sum_j e^{c_jh})`. The weights are stored divided by e
 (self weight 1, pruned weight e^{c_jh - 1}): the shares are the same and the exponent stays small.
 
@@ -26,8 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models import WeightsError
-from .base import KIND_CODE, Method, ParamSpec, ReduceContext, TokenAssignment, complement, register
+from ..errors import WeightsError
+from .base import (
+    KIND_CODE, ComparisonEntry, Method, ParamSpec, ReduceContext, StageShape, TokenAssignment, complement, keep_assignment,
+    register, token_kinds,
+)
 from .evit import select_attentive
 
 # nn.LayerNorm's default eps, which PredictorLG uses (the backbone's LayerNorms use 1e-6).
@@ -86,7 +89,7 @@ def squeeze_assignment(x: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor
         pruned: [B, m] long indices (>= 1) of the other non-cls tokens (m may be 0).
         tau: similarity temperature (TPS's default 1).
     Returns:
-        the assignment (n_out = k + 1, normalize=True) with kinds "host" for kept tokens that
+        the assignment (n_out = k + 1, weighted mean) with kinds "host" for kept tokens that
         received at least one pruned token, "kept" for the rest; `pruned` marks the squeezed
         tokens; `extra["dispatch"]` is [B, n_out] float, each output token's own share
         e / (e + sum_j e^{c_jh}) (1 where nothing was received, and for cls). The share of each
@@ -109,15 +112,10 @@ def squeeze_assignment(x: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor
         weight.scatter_(1, pruned, guest_weight)
         received.scatter_add_(1, host + 1, guest_weight)
     self_share = 1.0 / (1.0 + received)
-    kinds = torch.full((batch, k + 1), KIND_CODE["kept"], dtype=torch.long, device=device)
-    kinds[:, 0] = KIND_CODE["cls"]
-    kinds[:, 1:] = torch.where(received[:, 1:] > 0, KIND_CODE["host"], KIND_CODE["kept"])
+    kinds = token_kinds(torch.where(received[:, 1:] > 0, KIND_CODE["host"], KIND_CODE["kept"]))
     pruned_mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
     pruned_mask.scatter_(1, pruned, True)
-    return TokenAssignment(
-        dest=dest, weight=weight, n_out=k + 1, normalize=True, kinds=kinds, pruned=pruned_mask,
-        extra={"dispatch": self_share},
-    )
+    return TokenAssignment(dest=dest, weight=weight, n_out=k + 1, kinds=kinds, pruned=pruned_mask, extra={"dispatch": self_share})
 
 
 TAU = ParamSpec(
@@ -127,13 +125,31 @@ TAU = ParamSpec(
 )
 
 
+def squeeze_macs(shape: StageShape) -> tuple[float, float]:
+    """The squeeze's own MACs (methods.md §3, §8): the cosine similarities of the m pruned tokens to
+    the k hosts (matrix product m k C), then every token enters one weighted mean ((m + k) C)."""
+    if not shape.acted:
+        return 0.0, 0.0
+    m = shape.n_in - shape.n_out
+    return float(m * shape.n_out * shape.channels), float((m + shape.n_out) * shape.channels)
+
+
 @register
 class ETPS(Method):
     name = "etps"
+    rank = 20
+    in_default_sweep = True
     label = "eTPS"
     paper = "TPS, Wei et al., CVPR 2023"
-    needs_cls_attention = True
+    needs = frozenset({"cls_attention"})
+    colour = "#ff7f0e"
+    marker = "s"
     params = (TAU,)
+    comparison = (ComparisonEntry("importance-diversity", 4, "eTPS"),)
+
+    def own_macs(self, shape: StageShape) -> tuple[float, float]:
+        """The squeeze (`squeeze_macs`)."""
+        return squeeze_macs(shape)
 
     def assign(self, ctx: ReduceContext) -> TokenAssignment | None:
         """eTPS at one stage: EViT's selection (top ceil(rho n) class attention, descending), then
@@ -144,7 +160,7 @@ class ETPS(Method):
         kept = select_attentive(attention, ctx.keep_rate)
         if kept.shape[1] == n:
             return None
-        return squeeze_assignment(ctx.x, kept, complement(kept, n), float(ctx.params["tau"]))
+        return squeeze_assignment(ctx.x, kept, complement(kept, n), ctx.params["tau"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,22 +296,25 @@ class _PredictorMethod(Method):
         order = torch.sort(score, dim=1, descending=True, stable=True).indices + 1
         kept, pruned = order[:, :keep], order[:, keep:]
         if self.squeeze:
-            return squeeze_assignment(ctx.x, kept, pruned, float(ctx.params["tau"]))
-        device = ctx.x.device
-        dest = torch.full((batch, big_n), -1, dtype=torch.long, device=device)
-        dest[:, 0] = 0
-        dest.scatter_(1, kept, torch.arange(1, keep + 1, device=device).expand(batch, keep))
-        kinds = torch.full((batch, keep + 1), KIND_CODE["kept"], dtype=torch.long, device=device)
-        kinds[:, 0] = KIND_CODE["cls"]
-        weight = torch.ones(batch, big_n, dtype=torch.float32, device=device)
-        return TokenAssignment(dest=dest, weight=weight, n_out=keep + 1, normalize=True, kinds=kinds)
+            return squeeze_assignment(ctx.x, kept, pruned, ctx.params["tau"])
+        return keep_assignment(kept, big_n)
+
+    def own_macs(self, shape: StageShape) -> tuple[float, float]:
+        """The predictor's four linear layers on every token (methods.md §3), plus the squeeze for dTPS."""
+        c = shape.channels
+        predictor = float(shape.n_in * (c * c + c * (c // 2) + (c // 2) * (c // 4) + (c // 4) * 2))
+        matmul, elementwise = squeeze_macs(shape) if self.squeeze else (0.0, 0.0)
+        return predictor + matmul, elementwise
 
 
 @register
 class DTPS(_PredictorMethod):
     name = "dtps"
+    rank = 30
     label = "dTPS"
     paper = "TPS, Wei et al., CVPR 2023"
+    colour = "#8c564b"
+    marker = "P"
     squeeze = True
     params = (TAU,)
 
@@ -303,7 +322,10 @@ class DTPS(_PredictorMethod):
 @register
 class DynamicViT(_PredictorMethod):
     name = "dynamicvit"
+    rank = 40
     label = "DynamicViT"
     paper = "DynamicViT, Rao et al., NeurIPS 2021"
+    colour = "#e377c2"
+    marker = "X"
     squeeze = False
     params = ()
