@@ -240,8 +240,8 @@ def comparison_section(key: AnalysisKey, image: Image.Image, crop: Image.Image, 
     for row_index, (row, heading) in enumerate(COMPARISON_ROWS.items()):
         entries = comparison_entries(row)
         runnable = [(m, e) for m, e in entries if m.unavailable_reason(loaded.extras) is None]
-        if not runnable:
-            continue
+        if len(runnable) < 2:
+            continue  # one method is no comparison
         st.subheader(heading)
         runs = [(method, entry, analyse_image(key.with_plan(comparison_plan(method, entry, settings, depth, n0, target)), image))
                 for method, entry in runnable]

@@ -27,10 +27,12 @@ class Result:
 
     Attributes:
         logits: [B, classes] float32.
-        token_counts: tokens (cls included) leaving each block, one int per block.
+        token_counts: tokens (cls included) leaving each block, one int per block: the batch's
+            sequence length, i.e. the longest image's count when images keep different counts.
+        image_token_counts: [B, depth] long, each image's own count per block (padding excluded).
         stages: one `Stage` per reduction stage that changed the sequence (empty with track=False).
         block_outputs: per block, the [B, N_i, C] tokens leaving it (only with keep_block_outputs).
-        block_sizes: per block, the [B, N_i] token sizes (only with keep_block_outputs).
+        block_sizes: per block, the [B, N_i] token sizes, 0 for padding (only with keep_block_outputs).
         plan: the plan that produced it.
     """
 
@@ -40,43 +42,91 @@ class Result:
     plan: ReductionPlan
     block_outputs: list[torch.Tensor] | None = None
     block_sizes: list[torch.Tensor] | None = None
+    image_token_counts: torch.Tensor | None = None
 
 
-def _attention(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str]):
-    """timm's `Attention.forward`, plus what a method needs from it (`methods.base.NEEDS`).
+def _heads(attn: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """[B, N, H * d] -> [B, H, N, d]."""
+    batch, n, _ = tensor.shape
+    return tensor.reshape(batch, n, attn.num_heads, attn.head_dim).transpose(1, 2)
 
-    Returns (output [B, N, C], features: a dict with one entry per name in `needs`).
-    """
-    attn = block.attn
-    batch, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    features: dict[str, torch.Tensor] = {}
-    if needs:
-        features = _block_features(q, k, v, attn.scale, bias, needs)
+
+def _qkv(attn: torch.nn.Module, h: torch.Tensor, parts: str = "qkv") -> dict[str, torch.Tensor]:
+    """The block's q, k and/or v of `h` [B, N, C] as [B, H, N, d] (q and k after q_norm / k_norm).
+    With all three, one qkv product (timm's own); else only the rows of the weight that are needed."""
+    if parts == "qkv":
+        batch, n, _ = h.shape
+        q, k, v = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return {"q": attn.q_norm(q), "k": attn.k_norm(k), "v": v}
+    width = attn.num_heads * attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    out: dict[str, torch.Tensor] = {}
+    for index, part in enumerate("qkv"):
+        if part in parts:
+            rows = slice(index * width, (index + 1) * width)
+            out[part] = _heads(attn, F.linear(h, weight[rows], None if bias is None else bias[rows]))
+    if "q" in out:
+        out["q"] = attn.q_norm(out["q"])
+    if "k" in out:
+        out["k"] = attn.k_norm(out["k"])
+    return out
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """The full post-softmax attention [B, H, N, N] in float32."""
+    logits = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1)
+
+
+def _finish(attn: torch.nn.Module, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, d] attention output -> timm's projection (with the optional norm and gate)."""
+    batch, _, n, _ = out.shape
     out = out.transpose(1, 2).reshape(batch, n, -1)
     norm = getattr(attn, "norm", None)
     if norm is not None:
         out = norm(out)
     gate = getattr(attn, "gate", None)
     if gate is not None:
-        out = out * gate(x).sigmoid()
-    out = attn.proj_drop(attn.proj(out))
-    return out, features
+        out = out * gate(h).sigmoid()
+    return attn.proj_drop(attn.proj(out))
 
 
-def _block_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None,
-                    needs: frozenset[str]) -> dict[str, torch.Tensor]:
-    """The attention quantities a method asked for, from q, k, v [B, H, N, d] (float32 scores)."""
+def _attention(block: torch.nn.Module, h: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str],
+               transform=None):
+    """timm's `Attention.forward` on `h` = norm1(x), plus what a method needs from it
+    (`methods.base.NEEDS`). With `transform` (a method's `transform_attention`), the attention is
+    computed explicitly and the transformed probabilities are used for the output and the features.
+
+    Returns (output [B, N, C], features: a dict with one entry per name in `needs`).
+    """
+    attn = block.attn
+    qkv = _qkv(attn, h)
+    q, k, v = qkv["q"], qkv["k"], qkv["v"]
+    probs = None
+    if transform is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    else:
+        probs = transform(_probabilities(q, k, attn.scale, bias))
+        out = probs.to(v.dtype) @ v
+    features = _block_features(q, k, v, attn.scale, bias, needs, probs) if needs else {}
+    return _finish(attn, h, out), features
+
+
+def _block_features(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float, bias: torch.Tensor | None,
+                    needs: frozenset[str], probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The attention quantities a method asked for, from q, k, v [B, H, N, d] (float32 scores), or
+    from already computed probabilities `probs` [B, H, N, N]."""
     features: dict[str, torch.Tensor] = {}
-    if "attention" in needs:
+    rows = None
+    if probs is not None and needs & {"attention", "cls_attention", "cls_attention_heads"}:
+        if "attention" in needs:
+            features["attention"] = probs
+        rows = probs[:, :, :1]
+    elif "attention" in needs:
         # The full post-softmax attention [B, H, N, N]: only for a method that declared it.
-        logits = (q.float() @ k.float().transpose(-2, -1)) * scale
-        if bias is not None:
-            logits = logits + bias.float()
-        features["attention"] = logits.softmax(dim=-1)
+        features["attention"] = _probabilities(q, k, scale, bias)
         rows = features["attention"][:, :, :1]
     elif needs & {"cls_attention", "cls_attention_heads"}:
         # Only the cls query row: [B, H, 1, N], O(N d) per head (methods.md §1).
@@ -89,6 +139,8 @@ def _block_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     if "cls_attention_heads" in needs:
         features["cls_attention_heads"] = rows[:, :, 0, 1:]
     for name, tensor in (("keys", k), ("queries", q), ("values", v)):
+        if tensor is None:
+            continue
         if name in needs:
             features[name] = tensor.mean(dim=1)
         if f"{name}_heads" in needs:
@@ -108,15 +160,29 @@ def _embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
 
 
-def _attention_residual(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str] = frozenset()):
+def _attention_residual(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str] = frozenset(),
+                        transform=None):
     """The first half of a timm block, x + attention(norm1(x)); returns (x, features) as `_attention`."""
-    attn_out, features = _attention(block, block.norm1(x), bias, needs)
+    attn_out, features = _attention(block, block.norm1(x), bias, needs, transform)
     return x + block.drop_path1(_layer_scale(block, "ls1")(attn_out)), features
 
 
 def _mlp_residual(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The second half of a timm block, x + mlp(norm2(x))."""
     return x + block.drop_path2(_layer_scale(block, "ls2")(block.mlp(block.norm2(x))))
+
+
+def _bias(sizes: torch.Tensor, valid: torch.Tensor | None, proportional: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive attention mask [B, 1, 1, N]: log(size) of every key for proportional attention
+    (ToMe), and -inf on padding keys; None when neither applies (the dense path)."""
+    if proportional:
+        bias = sizes.log()
+        if valid is not None:
+            bias = bias.masked_fill(~valid, float("-inf"))
+        return bias.to(dtype)[:, None, None, :]
+    if valid is not None:
+        return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))[:, None, None, :]
+    return None
 
 
 @torch.inference_mode()
@@ -160,62 +226,143 @@ def run(
     device = x.device
     num_patches = n0 - 1
     sizes = torch.ones(batch, n0, device=device, dtype=torch.float32)
+    valid: torch.Tensor | None = None
     patch_to_token = torch.arange(1, n0, device=device).expand(batch, num_patches).clone() if track else None
     stages: list[Stage] = []
     counts: list[int] = []
+    image_counts: list[torch.Tensor] = []
     outputs: list[torch.Tensor] | None = [] if keep_block_outputs else None
     block_sizes: list[torch.Tensor] | None = [] if keep_block_outputs else None
+    state: dict[str, Any] = {}
+    embedding = x
 
-    def reduce(stage_index: int, block_index: int, features: dict[str, torch.Tensor]) -> None:
-        nonlocal x, sizes, patch_to_token
-        ctx = ReduceContext(
+    def context(stage_index: int, block_index: int, features: dict[str, torch.Tensor]) -> ReduceContext:
+        return ReduceContext(
             x=x, sizes=sizes, keep_rate=plan.keep_rate, stage=stage_index, block_index=block_index, params=params,
-            num_patches=num_patches, depth=depth, layers=layers, extras=extras, **features,
+            num_patches=num_patches, depth=depth, layers=layers, extras=extras, valid=valid, state=state,
+            embedding=embedding, **features,
         )
-        cls_attention = features.get("cls_attention")
+
+    def reduce(ctx: ReduceContext, features: dict[str, torch.Tensor]):
+        nonlocal x, sizes, patch_to_token, valid
         assignment = method.assign(ctx)
         if assignment is None:
-            return
-        x, sizes, share = apply_assignment(assignment, x, sizes)
-        if not track:
-            return
-        before = patch_to_token
-        present = before >= 0
-        source = before.clamp(min=0)
-        after = torch.where(present, assignment.dest.gather(1, source), before.new_full((), -1))
-        token_sizes = torch.zeros(batch, assignment.n_out, dtype=torch.long, device=device)
-        token_sizes.scatter_add_(1, after.clamp(min=0), (after >= 0).long())
-        stage = Stage(layer=block_index + 1, patch_to_token=after, token_sizes=token_sizes, token_kinds=assignment.kinds)
-        nan = torch.full((), float("nan"), device=device)
-        if cls_attention is not None:
-            padded = torch.cat([cls_attention.new_zeros(batch, 1), cls_attention.float()], 1)
-            stage.cls_attention = torch.where(present, padded.gather(1, source), nan)
-        if assignment.pruned is not None:
-            stage.patch_pruned = present & assignment.pruned.gather(1, source) & (after >= 0)
-        stage.patch_weight = torch.where(present, share.float().gather(1, source), nan)
-        stage.extra.update(assignment.extra)
-        patch_to_token = after
-        stages.append(stage)
+            return None
+        x, sizes, share, edge_share = apply_assignment(assignment, x, sizes)
+        before_valid = valid
+        valid = assignment.valid
+        if valid is not None:
+            # padding: no size, no attention; the slots of each image must be a prefix
+            sizes = sizes.masked_fill(~valid, 0.0)
+            x = x.masked_fill(~valid.unsqueeze(-1), 0.0)
+        if track:
+            stages.append(_stage(ctx.block_index + 1, assignment, patch_to_token, share, edge_share,
+                                 features.get("cls_attention"), before_valid))
+            patch_to_token = stages[-1].patch_to_token
+        return assignment
 
     needs = frozenset(method.needs) if method is not None else frozenset()
+    transform = getattr(method, "transform_attention", None) if method is not None else None
     for block_index, block in enumerate(model.blocks):
         layer = block_index + 1
         stage_index = layers.index(layer) if layer in layers else -1
-        if method is not None and method.acts == "before" and stage_index >= 0:
-            reduce(stage_index, block_index, {})
-        inside = method is not None and method.acts == "inside" and stage_index >= 0
-        bias = sizes.log().to(x.dtype)[:, None, None, :] if proportional else None
-        x, features = _attention_residual(block, x, bias, needs if inside else frozenset())
-        if inside:
-            reduce(stage_index, block_index, features)
+        reducing = method is not None and stage_index >= 0
+        if reducing and method.acts == "before":
+            reduce(context(stage_index, block_index, {}), {})
+        bias = _bias(sizes, valid, proportional, x.dtype)
+        if reducing and method.acts == "attention":
+            x = _attention_stage(block, x, bias, needs, stage_index, block_index, context, reduce,
+                                 lambda: _bias(sizes, valid, proportional, x.dtype), lambda: x)
+        else:
+            block_transform = None
+            if reducing and transform is not None:
+                block_transform = lambda probs, i=stage_index, b=block_index: method.transform_attention(probs, context(i, b, {}))  # noqa: E731
+            x, features = _attention_residual(block, x, bias, needs if reducing else frozenset(), block_transform)
+            if reducing and method.acts == "inside":
+                reduce(context(stage_index, block_index, features), features)
         x = _mlp_residual(block, x)
         counts.append(int(x.shape[1]))
+        image_counts.append(torch.full((batch,), x.shape[1], dtype=torch.long, device=device) if valid is None
+                            else valid.sum(dim=1))
         if outputs is not None:
             outputs.append(x)
             block_sizes.append(sizes)
     x = model.norm(x)
     logits = model.forward_head(x)
-    return Result(logits=logits.float(), token_counts=counts, stages=stages, plan=plan, block_outputs=outputs, block_sizes=block_sizes)
+    return Result(logits=logits.float(), token_counts=counts, stages=stages, plan=plan, block_outputs=outputs,
+                  block_sizes=block_sizes, image_token_counts=torch.stack(image_counts, dim=1).cpu())
+
+
+def _attention_stage(block, x, bias, needs, stage_index, block_index, context, reduce, new_bias, current):
+    """A block whose method acts on the block's own attention before the tokens are reduced
+    (`acts = "attention"`, MCTF's one-step-ahead attention): q, k of the unreduced tokens give the
+    attention the method reads (`needs`); its assignment reduces the tokens and may hand over the
+    reduced attention map, which the rest of the block uses with the values of the reduced tokens.
+    Returns the block's tokens after its attention residual."""
+    attn = block.attn
+    h = block.norm1(x)
+    qk = _qkv(attn, h, "qk")
+    probs = _probabilities(qk["q"], qk["k"], attn.scale, bias)
+    features = _block_features(qk["q"], qk["k"], None, attn.scale, bias, needs | {"attention"}, probs)
+    if "attention" not in needs:
+        features.pop("attention")
+    assignment = reduce(context(stage_index, block_index, features), features)
+    if assignment is None:
+        v = _qkv(attn, h, "v")["v"]
+        out = probs.to(v.dtype) @ v
+    else:
+        x = current()
+        h = block.norm1(x)
+        if assignment.attention is not None:
+            v = _qkv(attn, h, "v")["v"]
+            out = assignment.attention.to(v.dtype) @ v
+        else:
+            qkv = _qkv(attn, h)
+            out = F.scaled_dot_product_attention(qkv["q"], qkv["k"], qkv["v"], attn_mask=new_bias())
+    return x + block.drop_path1(_layer_scale(block, "ls1")(_finish(attn, h, out)))
+
+
+def _stage(layer: int, assignment, before: torch.Tensor, share: torch.Tensor, edge_share: torch.Tensor | None,
+           cls_attention: torch.Tensor | None, before_valid: torch.Tensor | None) -> Stage:
+    """The provenance of one stage from the previous `patch_to_token` [B, P] and the assignment."""
+    batch, device = before.shape[0], before.device
+    present = before >= 0
+    source = before.clamp(min=0)
+    after = torch.where(present, assignment.dest.gather(1, source), before.new_full((), -1))
+    token_sizes = torch.zeros(batch, assignment.n_out, dtype=torch.long, device=device)
+    token_sizes.scatter_add_(1, after.clamp(min=0), (after >= 0).long())
+    stage = Stage(layer=layer, patch_to_token=after, token_sizes=token_sizes, token_kinds=assignment.kinds,
+                  valid=assignment.valid)
+    nan = torch.full((), float("nan"), device=device)
+    if cls_attention is not None:
+        padded = torch.cat([cls_attention.new_zeros(batch, 1), cls_attention.float()], 1)
+        stage.cls_attention = torch.where(present, padded.gather(1, source), nan)
+    if assignment.pruned is not None:
+        stage.patch_pruned = present & assignment.pruned.gather(1, source) & (after >= 0)
+    stage.patch_weight = torch.where(present, share.float().gather(1, source), nan)
+    if assignment.edges is not None:
+        stage.patch_edges = _patch_edges(before, assignment.edges, edge_share)
+    stage.extra.update(assignment.extra)
+    return stage
+
+
+def _patch_edges(before: torch.Tensor, edges, edge_share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The edges in patch space: for every patch held by an edge's source token, (patch, target
+    token, share), as [B, M] tensors padded with -1 (patch, token) and NaN (share)."""
+    batch = before.shape[0]
+    hit = (before.unsqueeze(2) == edges.source.unsqueeze(1)) & (before.unsqueeze(2) >= 0) & (edges.target.unsqueeze(1) >= 0)
+    per_image = hit.flatten(1).sum(dim=1)
+    width = int(per_image.max()) if batch else 0
+    patch = before.new_full((batch, width), -1)
+    token = before.new_full((batch, width), -1)
+    weight = torch.full((batch, width), float("nan"), device=before.device)
+    image, p, e = hit.nonzero(as_tuple=True)
+    if image.numel():
+        slot = torch.arange(image.numel(), device=before.device) - torch.cumsum(per_image, 0).sub(per_image)[image]
+        patch[image, slot] = p
+        token[image, slot] = edges.target[image, e]
+        weight[image, slot] = edge_share.float()[image, e]
+    return patch, token, weight
 
 
 @torch.inference_mode()

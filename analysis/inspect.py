@@ -105,14 +105,15 @@ def analyse_result(result: Result, index: int, gmacs: dict[str, float], dense_to
     Raises ValueError when the result holds no block outputs."""
     if result.block_outputs is None:
         raise ValueError("the result has no block outputs: run the engine with keep_block_outputs=True")
+    counts = result.image_token_counts[index].tolist() if result.image_token_counts is not None else list(result.token_counts)
     return ImageAnalysis(
         plan=result.plan,
-        token_counts=list(result.token_counts),
+        token_counts=counts,
         stages=[StageRecord.from_stage(stage, index) for stage in result.stages],
         top5=top5 if top5 is not None else top_k(result.logits[index:index + 1], 5)[0],
         gmacs=gmacs,
-        block_outputs=[output[index].detach().float().cpu().numpy() for output in result.block_outputs],
-        block_sizes=[sizes[index].detach().cpu().numpy() for sizes in result.block_sizes],
+        block_outputs=[output[index, :count].detach().float().cpu().numpy() for output, count in zip(result.block_outputs, counts)],
+        block_sizes=[sizes[index, :count].detach().cpu().numpy() for sizes, count in zip(result.block_sizes, counts)],
         dense_top5=dense_top5,
     )
 
@@ -130,9 +131,15 @@ def analyse_images(loaded: LoadedModel, images: list, plan: ReductionPlan, crop_
     if dense:
         dense_logits = reduced.logits if plan.is_dense else run(loaded.model, batch, ReductionPlan(), track=False).logits
         dense_top5 = top_k(dense_logits, 5)
-    cost = gmacs_report(loaded.model, plan, loaded.extras, list(reduced.token_counts))
     top5 = top_k(reduced.logits, 5)
-    return [analyse_result(reduced, index, cost, dense_top5[index] if dense_top5 else None, top5[index]) for index in range(len(images))]
+    costs: dict[tuple[int, ...], dict[str, float]] = {}  # GMACs from each image's own token counts
+    analyses = []
+    for index in range(len(images)):
+        counts = tuple(reduced.image_token_counts[index].tolist())
+        if counts not in costs:
+            costs[counts] = gmacs_report(loaded.model, plan, loaded.extras, list(counts))
+        analyses.append(analyse_result(reduced, index, costs[counts], dense_top5[index] if dense_top5 else None, top5[index]))
+    return analyses
 
 
 def crop_pct_used(loaded: LoadedModel, crop_pct: float | None) -> float:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 # Token kinds, as the CLI JSON spells them (methods.md §7).
-KINDS: tuple[str, ...] = ("cls", "kept", "fused", "host", "pair", "cluster", "merged")
+# "pad" marks the empty slots of an image that keeps fewer tokens than others in its batch (ATS).
+KINDS: tuple[str, ...] = ("cls", "kept", "fused", "host", "pair", "cluster", "merged", "pad")
 KIND_CODE: dict[str, int] = {name: code for code, name in enumerate(KINDS)}
 
 
@@ -43,6 +44,9 @@ class Stage:
             another token (fused or squeezed); the dispatch maps draw these.
         patch_weight: [B, P] float, the share of each patch's source token in its destination
             token (see `methods.base.apply_assignment`).
+        patch_edges: (patch, token, share), each [B, M], for patches whose token also went into
+            tokens other than the one holding it (ties, propagation); padded with -1 / NaN.
+        valid: [B, n_out] bool, False for padding slots (images keeping different counts), or None.
         extra: method-specific arrays (e.g. a predictor's keep score).
     """
 
@@ -53,15 +57,22 @@ class Stage:
     cls_attention: torch.Tensor | None = None
     patch_pruned: torch.Tensor | None = None
     patch_weight: torch.Tensor | None = None
+    patch_edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    valid: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
+        """The batch's sequence length after the stage (padding included)."""
         return int(self.token_kinds.shape[1])
 
+    def image_tokens(self, index: int = 0) -> int:
+        """Image `index`'s own token count after the stage (padding excluded)."""
+        return self.n_tokens if self.valid is None else int(self.valid[index].sum())
+
     def kind_names(self, index: int = 0) -> list[str]:
-        """The kinds of image `index`'s output tokens as names."""
-        return [KINDS[code] for code in self.token_kinds[index].tolist()]
+        """The kinds of image `index`'s own output tokens as names (padding left out)."""
+        return [KINDS[code] for code in self.token_kinds[index, : self.image_tokens(index)].tolist()]
 
     def squeezes(self, index: int = 0) -> bool:
         """True when image `index` had pruned tokens squeezed into host tokens at this stage."""
@@ -81,6 +92,8 @@ class StageRecord:
             patch was already discarded), or None.
         patch_pruned: [P] bool, patches whose token was pruned and sent into another token here, or None.
         patch_weight: [P] float, each patch's token's share of its destination token, or None.
+        edges: [M, 3] float (patch, token, share): further destinations of patches whose token went
+            into several tokens (see `Stage.patch_edges`), or None.
     """
 
     layer: int
@@ -90,6 +103,7 @@ class StageRecord:
     cls_attention: np.ndarray | None = None
     patch_pruned: np.ndarray | None = None
     patch_weight: np.ndarray | None = None
+    edges: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -110,14 +124,21 @@ class StageRecord:
             value = value[index].detach()
             return value.float().cpu().numpy() if value.dtype.is_floating_point else value.cpu().numpy()
 
+        edges = None
+        if stage.patch_edges is not None:
+            patch, token, share = (part[index].detach().cpu() for part in stage.patch_edges)
+            used = patch >= 0
+            edges = np.stack([patch[used].double().numpy(), token[used].double().numpy(), share[used].double().numpy()], axis=1)
+        n_out = stage.image_tokens(index)
         return cls(
             layer=int(stage.layer),
             patch_to_token=arr(stage.patch_to_token).astype(np.int64),
             token_kinds=tuple(stage.kind_names(index)),
-            token_sizes=arr(stage.token_sizes).astype(np.int64),
+            token_sizes=arr(stage.token_sizes).astype(np.int64)[:n_out],
             cls_attention=arr(stage.cls_attention),
             patch_pruned=None if stage.patch_pruned is None else arr(stage.patch_pruned).astype(bool),
             patch_weight=arr(stage.patch_weight),
+            edges=edges,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -131,23 +152,40 @@ class StageRecord:
             "token_kinds": list(self.token_kinds),
         }
         if self.squeezes:
-            pruned = np.flatnonzero(self.patch_pruned).tolist()
-            record["dispatch"] = [
-                {"patch": p, "host_token": int(self.patch_to_token[p]), "weight": round(float(self.patch_weight[p]), 6)}
-                for p in pruned
-            ]
+            others = self.other_hosts()
+            entries = []
+            for p in np.flatnonzero(self.patch_pruned).tolist():
+                entry = {"patch": p, "host_token": int(self.patch_to_token[p]), "weight": round(float(self.patch_weight[p]), 6)}
+                if p in others:  # squeezed into several (tied) hosts: all of them, the first one included
+                    entry["hosts"] = [{"token": entry["host_token"], "weight": entry["weight"]}] + [
+                        {"token": token, "weight": round(weight, 6)} for token, weight in others[p]]
+                entries.append(entry)
+            record["dispatch"] = entries
         return record
+
+    def other_hosts(self) -> dict[int, list[tuple[int, float]]]:
+        """For each patch whose token also went into tokens other than the one holding it, those
+        (token, share) pairs (from `edges`)."""
+        out: dict[int, list[tuple[int, float]]] = {}
+        if self.edges is not None:
+            for patch, token, share in self.edges.tolist():
+                out.setdefault(int(patch), []).append((int(token), float(share)))
+        return out
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "StageRecord":
         """From one `stages` entry of `inspect --json` (its dispatch list gives pruned patches and weights)."""
         p2t = np.asarray(record["patch_to_token"], dtype=np.int64)
-        pruned = weight = None
+        pruned = weight = edges = None
         if "dispatch" in record:
             pruned = np.zeros(p2t.shape, dtype=bool)
             weight = np.full(p2t.shape, np.nan)
+            extra = []
             for item in record["dispatch"]:
                 pruned[item["patch"]] = True
                 weight[item["patch"]] = item["weight"]
+                extra += [(item["patch"], host["token"], host["weight"]) for host in item.get("hosts", [])[1:]]
+            edges = np.asarray(extra, dtype=np.float64).reshape(-1, 3) if extra else None
         return cls(layer=int(record["layer"]), patch_to_token=p2t, token_kinds=tuple(record["token_kinds"]),
-                   token_sizes=np.asarray(record["token_sizes"], dtype=np.int64), patch_pruned=pruned, patch_weight=weight)
+                   token_sizes=np.asarray(record["token_sizes"], dtype=np.int64), patch_pruned=pruned, patch_weight=weight,
+                   edges=edges)

@@ -183,11 +183,14 @@ class Observation:
         result: the engine `Result` (block outputs kept when an accumulator asked for them).
         batch: the `Batch` (labels, dataset indices).
         seconds: wall time of the timed forward.
+        model / extras: the model and its method weights (for per-image GMACs).
     """
 
     result: Result
     batch: Batch
     seconds: float
+    model: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Accumulator:
@@ -295,22 +298,45 @@ class TimingAccumulator(Accumulator):
 
 @dataclass
 class TokenCountAccumulator(Accumulator):
-    """Tokens leaving each block, summed over images (the mean per image is sum / images)."""
+    """Each image's own tokens leaving each block (methods with a count per image, ATS, differ from
+    image to image): per block the sum, the sum of squares, the minimum and the maximum over images,
+    and the histogram of the count after the last block."""
 
     name: ClassVar[str] = "tokens"
     sums: list[float] = field(default_factory=list)
+    squares: list[float] = field(default_factory=list)
+    low: list[int] = field(default_factory=list)
+    high: list[int] = field(default_factory=list)
+    final_histogram: dict[str, int] = field(default_factory=dict)
     images: int = 0
 
     def update(self, obs: Observation) -> None:
-        count = int(obs.batch.labels.numel())
-        counts = np.asarray(obs.result.token_counts, dtype=np.float64) * count
-        self.sums = counts.tolist() if not self.sums else (np.asarray(self.sums) + counts).tolist()
-        self.images += count
+        counts = obs.result.image_token_counts
+        if counts is None:
+            counts = torch.tensor([obs.result.token_counts] * int(obs.batch.labels.numel()))
+        self._add(counts.double().sum(0).numpy(), (counts.double() ** 2).sum(0).numpy(), counts.min(0).values.numpy(),
+                  counts.max(0).values.numpy(), counts[:, -1].tolist(), int(counts.shape[0]))
+
+    def _add(self, sums, squares, low, high, finals, images: int) -> None:
+        if images == 0:
+            return
+        if not self.sums:
+            self.sums, self.squares = np.asarray(sums, float).tolist(), np.asarray(squares, float).tolist()
+            self.low, self.high = np.asarray(low).astype(int).tolist(), np.asarray(high).astype(int).tolist()
+        else:
+            self.sums = (np.asarray(self.sums) + sums).tolist()
+            self.squares = (np.asarray(self.squares) + squares).tolist()
+            self.low = np.minimum(self.low, low).astype(int).tolist()
+            self.high = np.maximum(self.high, high).astype(int).tolist()
+        finals = finals.items() if isinstance(finals, dict) else ((str(c), 1) for c in finals)
+        for count, number in finals:
+            self.final_histogram[str(count)] = self.final_histogram.get(str(count), 0) + int(number)
+        self.images += images
 
     def merge(self, other: "TokenCountAccumulator") -> None:
-        if other.sums:
-            self.sums = list(other.sums) if not self.sums else (np.asarray(self.sums) + np.asarray(other.sums)).tolist()
-        self.images += other.images
+        if other.images:
+            self._add(np.asarray(other.sums), np.asarray(other.squares), np.asarray(other.low), np.asarray(other.high),
+                      dict(other.final_histogram), other.images)
 
     def mean_counts(self) -> list[float]:
         return [value / self.images for value in self.sums] if self.images else []
@@ -318,7 +344,62 @@ class TokenCountAccumulator(Accumulator):
     def row(self) -> dict[str, Any]:
         mean = self.mean_counts()
         exact = [int(round(v)) for v in mean]
-        return {"token_counts": exact if np.allclose(mean, exact) else mean}
+        fixed = bool(mean) and self.low == self.high
+        out: dict[str, Any] = {"token_counts": exact if fixed else mean}
+        if mean and not fixed:
+            std = np.sqrt(np.maximum(np.asarray(self.squares) / self.images - np.asarray(mean) ** 2, 0.0))
+            out.update(token_counts_std=std.tolist(), token_counts_min=self.low, token_counts_max=self.high,
+                       final_tokens_histogram=dict(sorted(self.final_histogram.items(), key=lambda kv: int(kv[0]))))
+        return out
+
+
+@dataclass
+class GMACsAccumulator(Accumulator):
+    """GMACs per image from each image's own token counts (`gmacs.plan_gmacs`, cached per distinct
+    count sequence): the sum, the sum of squares, the minimum and the maximum over images."""
+
+    name: ClassVar[str] = "gmacs"
+    total: float = 0.0
+    squares: float = 0.0
+    low: float = float("inf")
+    high: float = float("-inf")
+    images: int = 0
+
+    def update(self, obs: Observation) -> None:
+        counts = obs.result.image_token_counts
+        model = obs.model
+        values = [_image_gmacs(model, obs.result.plan, obs.extras, tuple(row)) for row in counts.tolist()]
+        self._add(sum(values), sum(v * v for v in values), min(values), max(values), len(values))
+
+    def _add(self, total: float, squares: float, low: float, high: float, images: int) -> None:
+        self.total += total
+        self.squares += squares
+        self.low = min(self.low, low)
+        self.high = max(self.high, high)
+        self.images += images
+
+    def merge(self, other: "GMACsAccumulator") -> None:
+        if other.images:
+            self._add(other.total, other.squares, other.low, other.high, other.images)
+
+    def row(self) -> dict[str, Any]:
+        if not self.images:
+            return {}
+        mean = self.total / self.images
+        std = math.sqrt(max(self.squares / self.images - mean * mean, 0.0))
+        return {"gmacs": mean, "gmacs_std": std, "gmacs_min": self.low, "gmacs_max": self.high}
+
+
+_GMACS_CACHE: dict[tuple, float] = {}
+
+
+def _image_gmacs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any], counts: tuple[int, ...]) -> float:
+    key = (id(model), plan, counts)
+    if key not in _GMACS_CACHE:
+        if len(_GMACS_CACHE) > 50_000:
+            _GMACS_CACHE.clear()
+        _GMACS_CACHE[key] = plan_gmacs(model, plan, extras, list(counts))
+    return _GMACS_CACHE[key]
 
 
 @dataclass
@@ -377,7 +458,8 @@ class DiversityAccumulator(Accumulator):
 
 
 # Every setting gets one of each (in this order); a new measure is a new entry here.
-ACCUMULATORS: tuple[type[Accumulator], ...] = (AccuracyAccumulator, TimingAccumulator, TokenCountAccumulator, DiversityAccumulator)
+ACCUMULATORS: tuple[type[Accumulator], ...] = (AccuracyAccumulator, TimingAccumulator, TokenCountAccumulator, GMACsAccumulator,
+                                                DiversityAccumulator)
 
 
 @dataclass
@@ -659,7 +741,7 @@ def run_sweep(
                 started = time.perf_counter()
                 result = run(model, images, setting.plan, extras=loaded.extras, track=False, keep_block_outputs=keep_outputs)
                 _sync(device)
-                observation = Observation(result, batch, time.perf_counter() - started)
+                observation = Observation(result, batch, time.perf_counter() - started, model, loaded.extras)
                 for acc in tally.accumulators.values():
                     acc.update(observation)
         for setting in pending:
@@ -692,12 +774,13 @@ def run_sweep(
 
 def make_row(setting: Setting, tally: Tally, key: str, loaded: LoadedModel, config: SweepConfig, dconfig: dict[str, Any],
              skipped: list[str], root: Path) -> SweepRow:
-    """The `SweepRow` of one setting from its accumulators (GMACs from the token counts observed)."""
+    """The `SweepRow` of one setting from its accumulators (GMACs: the mean over images of each
+    image's GMACs from its own token counts)."""
     model = loaded.model
     fields = tally.fields()
-    counts = tally.accumulators["tokens"].mean_counts()
-    exact = [int(round(c)) for c in counts]
-    gmacs = plan_gmacs(model, setting.plan, loaded.extras, exact or None)
+    gmacs = fields.get("gmacs")
+    if gmacs is None:  # no image was seen
+        gmacs = plan_gmacs(model, setting.plan, loaded.extras)
     dense_gmacs = plan_gmacs(model, ReductionPlan())
     method = None if setting.method == DENSE else get_method(setting.method)
     return SweepRow.from_fields({

@@ -78,3 +78,28 @@ def test_fused_token_is_unnormalised_weighted_sum(tiny, sample_batch):
     assert torch.equal(in_fused, stage.patch_pruned)
     torch.testing.assert_close(stage.patch_weight[in_fused], stage.cls_attention[in_fused])
     assert (stage.patch_weight[~in_fused] == 1).all()
+
+
+@pytest.mark.parametrize("pixels, keep_rate", [(240, 0.56), (240, 0.28), (256, 0.68), (448, 0.675)])
+def test_kept_count_is_the_official_ceil(pixels, keep_rate):
+    """EViT keeps `math.ceil(keep_rate * (N - 1))` (youweiliang/evit), in IEEE double with no rounding:
+    at these (grid, keep rate) pairs a product lands just above an integer (0.56 * 225 =
+    126.00000000000001), and EViT keeps one token more than a rounded product would."""
+    import math
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=pixels).eval()
+    images = torch.randn(1, 3, pixels, pixels, generator=torch.Generator().manual_seed(0))
+    differs = False
+    for fuse in (True, False):
+        result = run(model, images, ReductionPlan.make("evit", keep_rate, fuse=fuse))
+        n, official, rounded = (pixels // 16) ** 2 + 1, [], []
+        for _ in (4, 7, 10):  # the official recurrence; a fused token counts among the next stage's tokens
+            official.append(1 + math.ceil(keep_rate * (n - 1)) + fuse)
+            rounded.append(1 + math.ceil(round(keep_rate * (n - 1), 9)) + fuse)
+            n = official[-1]
+        assert [result.token_counts[i] for i in (3, 6, 9)] == official, fuse
+        differs |= official != rounded
+    assert differs  # a rounded product keeps one token fewer at some stage of this pair

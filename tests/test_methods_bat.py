@@ -131,7 +131,7 @@ def test_bat_matches_loop_reference(block4):
     sizes = torch.randint(1, 5, x.shape[:2], generator=generator).float()
     sizes[:, 0] = 1
     assignment = get_method("bat").assign(_ctx(block4, sizes=sizes, params=_bat_params()))
-    out, sizes_out, _ = apply_assignment(assignment, x, sizes)
+    out, sizes_out, _, _ = apply_assignment(assignment, x, sizes)
     assert assignment.n_out == 139
     for b in range(N_REF):
         expected, kinds, dest = reference_bat(x[b], attention[b], keys[b], sizes[b])
@@ -146,7 +146,7 @@ def test_dpc_method_matches_loop_reference(block4):
     x, attention, _ = block4
     params = {"knn": 5, "weighting": "size"}
     assignment = get_method("dpc").assign(_ctx(block4, params=params))
-    out, _, _ = apply_assignment(assignment, x, torch.ones(x.shape[:2]))
+    out, _, _, _ = apply_assignment(assignment, x, torch.ones(x.shape[:2]))
     assert assignment.n_out == 139
     for b in range(2):
         cluster = reference_dpc(x[b, 1:], 138, 5)
@@ -198,7 +198,7 @@ def test_small_sequences_do_not_crash(block4, n, keep_rate):
         if k == n:
             assert assignment is None
             continue
-        out, sizes, _ = apply_assignment(assignment, state[0], torch.ones(state[0].shape[:2]))
+        out, sizes, _, _ = apply_assignment(assignment, state[0], torch.ones(state[0].shape[:2]))
         if method == "bat":
             kk, c, r = bat_budget(n, keep_rate, 0.5)
             assert out.shape[1] == 1 + kk - r + c

@@ -79,7 +79,7 @@ def test_one_merge_step_matches_loop_reference(tiny, sample_batch):
     sizes = torch.randint(1, 4, x.shape[:2], generator=generator).float()
     sizes[:, 0] = 1
     assignment = tome_assignment(keys, sizes, 13)
-    out, sizes_out, _ = apply_assignment(assignment, x, sizes)
+    out, sizes_out, _, _ = apply_assignment(assignment, x, sizes)
     assert assignment.n_out == 197 - 13
     for b in range(4):
         order, partner = reference_match(keys[b], 13)

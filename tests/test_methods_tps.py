@@ -63,7 +63,7 @@ def block4(tiny, sample_batch):
 def test_etps_matches_loop_reference(block4, tau):
     x, attention, _ = block4
     assignment = get_method("etps").assign(_ctx(x, attention, params={"tau": tau}))
-    out, sizes, share = apply_assignment(assignment, x, torch.ones(x.shape[:2]))
+    out, sizes, share, _ = apply_assignment(assignment, x, torch.ones(x.shape[:2]))
     assert out.shape == (8, 139, 192) and assignment.n_out == 139
     self_share = assignment.extra["dispatch"]
     for b in range(x.shape[0]):
@@ -200,7 +200,7 @@ def test_predictor_stage_matches_loop_reference(with_predictor, stage1_reference
     x, scores = stage1_reference
     ours = predictor_keep_log_prob(with_predictor.extras["score_predictor"], 0, x[:, 1:])
     assignment = get_method(method).assign(_ctx(x, params={"tau": 1.0} if method == "dtps" else {}, extras=with_predictor.extras))
-    out, _, share = apply_assignment(assignment, x, torch.ones(x.shape[:2]))
+    out, _, share, _ = apply_assignment(assignment, x, torch.ones(x.shape[:2]))
     assert assignment.n_out == 138 == out.shape[1]
     for b in range(x.shape[0]):
         score = scores[b]
@@ -299,3 +299,70 @@ def test_cli_inspect_json_has_dispatch(capsys, sample_files, predictor_checkpoin
                 assert stage["token_kinds"][item["host_token"]] == "host"
                 assert stage["patch_to_token"][item["patch"]] == item["host_token"]
                 assert 0 < item["weight"] < 1
+
+
+def _tied_tokens() -> torch.Tensor:
+    """[1, 8, 4]: cls, four kept tokens (2 and 3 identical), then three pruned tokens: one along the
+    duplicated hosts (tied between them), one zero vector (cosine 0 with every host: tied between all
+    four) and one that prefers host 1 alone."""
+    g = torch.Generator().manual_seed(3)
+    cls, h1, h2, h4 = torch.randn(4, 4, generator=g)
+    h4 = -h2 + 0.1 * h4
+    tied_pair = 2.0 * h2
+    zero = torch.zeros(4)
+    near_h1 = h1 + 0.01 * torch.randn(4, generator=g)
+    return torch.stack([cls, h1, h2, h2.clone(), h4, tied_pair, zero, near_h1]).unsqueeze(0)
+
+
+def test_squeeze_into_every_tied_host():
+    """The official TPSModule squeezes a pruned token into every host whose cosine equals the row's
+    maximum (`cos == rowmax`): with duplicated hosts, a zero pruned token and an ordinary one."""
+    from analysis.engine import _stage
+    from analysis.methods.tps import squeeze_assignment
+    from analysis.provenance import StageRecord
+
+    x = _tied_tokens()
+    kept, pruned = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6, 7]])
+    assignment = squeeze_assignment(x, kept, pruned, 1.0)
+    out, _, share, edge_share = apply_assignment(assignment, x, torch.ones(1, 8))
+    # loop reference: every host at the row maximum receives e^c (float32 cosines, as the official code)
+    unit = x[0] / (x[0].norm(dim=-1, keepdim=True) + 1e-6)
+    received = {h: [] for h in range(1, 5)}
+    for j in (5, 6, 7):
+        sims = [float(unit[j] @ unit[h]) for h in range(1, 5)]
+        best = max(sims)
+        for h, sim in zip(range(1, 5), sims):
+            if sim == best:
+                received[h].append((j, sim))
+    assert [j for j, _ in received[2]] == [5, 6] and [j for j, _ in received[3]] == [5, 6]  # the pair and the zero token
+    assert [j for j, _ in received[1]] == [6, 7] and [j for j, _ in received[4]] == [6]
+    for h in range(1, 5):
+        den = math.e + sum(math.exp(c) for _, c in received[h])
+        want = (math.e * x[0, h].double() + sum(math.exp(c) * x[0, j].double() for j, c in received[h])) / den
+        torch.testing.assert_close(out[0, h].double(), want, atol=1e-6, rtol=1e-6)
+    # the zero token went to host 1 first (the lowest position), to hosts 2-4 by edges
+    assert assignment.dest[0, 6] == 1 and assignment.dest[0, 5] == 2 and assignment.dest[0, 7] == 1
+    assert sorted(zip(assignment.edges.source[0].tolist(), assignment.edges.target[0].tolist())) == [(5, 3), (6, 2), (6, 3), (6, 4)]
+    # the dispatch JSON lists every host of a tied patch (patches 4, 5, 6 are tokens 5, 6, 7)
+    before = torch.arange(1, 8).unsqueeze(0)
+    record = StageRecord.from_stage(_stage(4, assignment, before, share, edge_share, None, None), 0)
+    dispatch = {entry["patch"]: entry for entry in record.to_json()["dispatch"]}
+    assert [host["token"] for host in dispatch[4]["hosts"]] == [2, 3]
+    assert [host["token"] for host in dispatch[5]["hosts"]] == [1, 2, 3, 4]
+    assert "hosts" not in dispatch[6]
+    again = StageRecord.from_json(record.to_json())
+    assert again.other_hosts() == {p: [(t, pytest.approx(w, abs=1e-6)) for t, w in pairs] for p, pairs in record.other_hosts().items()}
+
+
+def test_dispatch_picture_draws_an_arrow_to_every_tied_host():
+    from analysis.engine import _stage
+    from analysis.methods.tps import squeeze_assignment
+    from analysis.provenance import StageRecord
+    from viz.overlays import dispatch_arrows
+
+    x = _tied_tokens()
+    assignment = squeeze_assignment(x, torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6, 7]]), 1.0)
+    _, _, share, edge_share = apply_assignment(assignment, x, torch.ones(1, 8))
+    record = StageRecord.from_stage(_stage(4, assignment, torch.arange(1, 8).unsqueeze(0), share, edge_share, None, None), 0)
+    arrows = dispatch_arrows(record)
+    assert sorted((p, h) for p, h, _ in arrows) == [(4, 2), (4, 3), (5, 1), (5, 2), (5, 3), (5, 4), (6, 1)]

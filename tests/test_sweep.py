@@ -223,7 +223,7 @@ def test_accumulators_merge_exactly(tiny, sample_files):
     loader = make_loader(files, make_transform(tiny.model), batch_size=6, workers=0)
     for index, batch in enumerate(loader):
         result = run(tiny.model, batch.images, plan, track=False, keep_block_outputs=True)
-        observation = Observation(result, batch, seconds=0.25)
+        observation = Observation(result, batch, 0.25, tiny.model, tiny.extras)
         for tally in (whole, first if index < 2 else second):
             for acc in tally.accumulators.values():
                 acc.update(observation)
@@ -231,14 +231,14 @@ def test_accumulators_merge_exactly(tiny, sample_files):
     merged, expected = first.fields(), whole.fields()
     assert expected["n_images"] == 24 and expected["diversity_images"] == 12 and expected["timed_batches"] == 4
     for name in ("top1", "top5", "n_images", "correct1", "correct5", "seconds", "images_per_s", "timed_batches",
-                 "token_counts", "diversity_images"):
+                 "token_counts", "diversity_images", "gmacs", "gmacs_min", "gmacs_max"):
         assert merged[name] == expected[name], name
     np.testing.assert_allclose(merged["diversity"], expected["diversity"], rtol=1e-12)
     np.testing.assert_allclose(merged["diversity_per_token"], expected["diversity_per_token"], rtol=1e-12)
     # the state survives a JSON round trip (partial.json) unchanged
     again = Tally.from_state(json.loads(json.dumps(whole.state())), context)
     assert again.fields() == whole.fields()
-    assert [f.name for f in dataclasses.fields(Observation)] == ["result", "batch", "seconds"]
+    assert merged["gmacs"] == pytest.approx(0.821, abs=1e-3) and merged["gmacs_std"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_csv_columns_are_the_rows_csv_fields(sample_sweep):

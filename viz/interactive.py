@@ -12,6 +12,7 @@ from .overlays import (
     ARROW_COLOUR,
     ARROW_SHADOW,
     StageRecord,
+    dispatch_arrows,
     dispatch_view,
     host_locations,
     patch_centres,
@@ -43,19 +44,23 @@ def dispatch_figure(crop: Image.Image, record: StageRecord, grid: tuple[int, int
     centres = patch_centres(grid, patch_px)
     fig = go.Figure(go.Image(z=np.asarray(background), hoverinfo="skip"))
     weights = record.patch_weight
-    for patch in pruned.tolist():
-        host = int(record.patch_to_token[patch])
+    for patch, host, weight in dispatch_arrows(record):
         (x0, y0), (x1, y1) = centres[patch], hosts[host]
         # as in the static map: a white core over a black shadow, both at opacity = weight
         for colour, line_width in ((ARROW_SHADOW, 4), (ARROW_COLOUR, 2)):
             fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
                                arrowhead=2, arrowsize=1, arrowwidth=line_width, arrowcolor="rgb(%d,%d,%d)" % colour,
-                               opacity=float(np.clip(weights[patch], 0.0, 1.0)), text="")
+                               opacity=float(np.clip(weight, 0.0, 1.0)), text="")
     r, c = np.divmod(pruned, cols)
-    hover = [
-        f"patch {p} (row {rr}, col {cc})<br>host token {int(record.patch_to_token[p])}<br>squeeze weight {weights[p]:.3f}"
-        for p, rr, cc in zip(pruned.tolist(), r.tolist(), c.tolist())
-    ]
+    others = record.other_hosts()
+
+    def hosts_text(p: int) -> str:
+        if p not in others:
+            return f"host token {int(record.patch_to_token[p])}<br>squeeze weight {weights[p]:.3f}"
+        pairs = [(int(record.patch_to_token[p]), float(weights[p]))] + others[p]
+        return "tied hosts " + ", ".join(f"{token} (weight {weight:.3f})" for token, weight in pairs)
+
+    hover = [f"patch {p} (row {rr}, col {cc})<br>{hosts_text(p)}" for p, rr, cc in zip(pruned.tolist(), r.tolist(), c.tolist())]
     fig.add_trace(go.Scatter(x=centres[pruned, 0], y=centres[pruned, 1], mode="markers", name="pruned patch",
                              marker=dict(size=max(6, patch_px[0] // 2), color="rgba(0,0,0,0)", line=dict(width=0)),
                              text=hover, hovertemplate="%{text}<extra></extra>"))

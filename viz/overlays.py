@@ -376,17 +376,29 @@ def host_locations(record: StageRecord, grid: tuple[int, int], patch_px: tuple[i
     """(x, y) pixel location of every token that received pruned patches at this stage (TPS host).
 
     The location is the centroid of the patches the host holds that were not pruned at this stage
-    (its own region); if it has none, the centroid of all its patches.
+    (its own region); if it has none, the centroid of all its patches. Hosts that only received a
+    share of a patch tied between several hosts (`record.edges`) are included.
     """
     pruned = record.patch_pruned if record.patch_pruned is not None else np.zeros(record.patch_to_token.shape, bool)
     centres = patch_centres(grid, patch_px)
-    hosts = np.unique(record.patch_to_token[pruned])
+    extra = [token for pairs in record.other_hosts().values() for token, _ in pairs]
+    hosts = np.unique(np.concatenate([record.patch_to_token[pruned], np.asarray(extra, dtype=np.int64)]))
     out = {}
     for host in hosts.tolist():
         own = (record.patch_to_token == host) & ~pruned
         members = own if own.any() else record.patch_to_token == host
         out[int(host)] = centres[members].mean(axis=0)
     return out
+
+
+def dispatch_arrows(record: StageRecord) -> list[tuple[int, int, float]]:
+    """(pruned patch, host token, squeeze weight) of every arrow of a dispatch map, weakest first (so
+    the strongest are drawn on top): one per pruned patch to the token that holds it, and one more
+    to every further host of a patch tied between several (`record.edges`)."""
+    pruned = record.patch_pruned & (record.patch_to_token >= 0)
+    arrows = [(int(p), int(record.patch_to_token[p]), float(record.patch_weight[p])) for p in np.flatnonzero(pruned)]
+    arrows += [(patch, token, share) for patch, pairs in record.other_hosts().items() for token, share in pairs]
+    return sorted(arrows, key=lambda arrow: arrow[2])
 
 
 def _draw_arrow(draw: ImageDraw.ImageDraw, start, end, colour, alpha: int, width: int, head: float) -> None:
@@ -441,11 +453,9 @@ def dispatch_view(crop: Image.Image, record: StageRecord, grid: tuple[int, int],
     layer = Image.new("RGBA", picture.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     centres = patch_centres(grid, patch_px)
-    order = np.argsort(record.patch_weight[pruned])  # strongest arrows last, on top
-    for patch in (np.flatnonzero(pruned)[order].tolist() if arrows else []):
-        weight = float(np.clip(record.patch_weight[patch], 0.0, 1.0))
-        alpha = int(round(255 * weight))
-        start, end = centres[patch], hosts[int(p2t[patch])]
+    for patch, host, weight in (dispatch_arrows(record) if arrows else []):
+        alpha = int(round(255 * float(np.clip(weight, 0.0, 1.0))))
+        start, end = centres[patch], hosts[host]
         _draw_arrow(draw, start, end, ARROW_SHADOW, alpha, scale + 2, 4 * scale)
         _draw_arrow(draw, start, end, ARROW_COLOUR, alpha, max(1, scale - 1), 4 * scale - 1)
     picture = Image.alpha_composite(picture, layer).convert("RGB")

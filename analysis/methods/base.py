@@ -41,15 +41,32 @@ Combine = Union[str, Callable[[torch.Tensor, "TokenAssignment", torch.Tensor], t
 
 
 @dataclass
+class Edges:
+    """Further contributions beyond each token's primary destination: token `source[b, e]` also goes
+    into output `target[b, e]` with `weight[b, e]` (a pruned token squeezed into several tied hosts,
+    or propagated over a graph to several kept tokens). `target` -1 marks an unused slot.
+
+    Attributes:
+        source, target: [B, E] long; weight: [B, E] float.
+    """
+
+    source: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor
+
+
+@dataclass
 class TokenAssignment:
     """Where every current token goes at one reduction stage.
 
     Attributes:
         dest: [B, N] long, the output token each current token goes to; -1 = discarded. The class
-            token (index 0) must go to output 0.
+            token (index 0) must go to output 0. It is the token that *holds* the patch in the
+            provenance (a token spread over several outputs: the one with the largest weight).
         weight: [B, N] float, each token's weight in its output token.
-        n_out: number of output tokens (cls included), the same for every image of the batch.
-        kinds: [B, n_out] long codes into `KINDS` (use `token_kinds`).
+        n_out: number of output tokens (cls included), the same for every image of the batch (the
+            longest image's count when `valid` pads the others).
+        kinds: [B, n_out] long codes into `KINDS` (use `token_kinds`); "pad" for padding slots.
         combine: how the members of an output token combine:
             "mean": the weighted mean (weights divided by their sum per output token);
             "sum": the weighted sum with the raw weights (EViT's fused token, methods.md §2);
@@ -58,6 +75,15 @@ class TokenAssignment:
             the method's own (e.g. a norm-preserving merge); `weighted_rows` does the scatter.
         pruned: optional [B, N] bool, the tokens that lost their own slot at this stage (pruned
             and fused or squeezed into a host); the dispatch maps draw these.
+        edges: optional further contributions of tokens into outputs other than `dest` (`Edges`);
+            their weights join the sums and the means' denominators.
+        sizes: optional [B, n_out] float, the output tokens' sizes when the method defines its own
+            (default: the sum of the members' sizes).
+        valid: optional [B, n_out] bool, False for padding slots when images keep different token
+            counts (ATS); padding is masked out of attention and of every later decision.
+        attention: optional [B, H, n_out, n_out] post-softmax attention for the rest of this block,
+            for a method acting on the block's own attention (`acts = "attention"`); None: the
+            block computes attention on the reduced tokens as usual.
         extra: optional arrays a method wants on its stage record, copied as they are; per patch
             [B, P] or per output token [B, n_out], as the method documents (e.g. TPS's "dispatch":
             [B, n_out] self weight of every output token).
@@ -69,6 +95,10 @@ class TokenAssignment:
     kinds: torch.Tensor
     combine: Combine = "mean"
     pruned: torch.Tensor | None = None
+    edges: Edges | None = None
+    sizes: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -85,38 +115,58 @@ def weighted_rows(x: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, n_o
     return out.view(batch, n_out, channels)
 
 
-def apply_assignment(assignment: TokenAssignment, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def apply_assignment(assignment: TokenAssignment, x: torch.Tensor, sizes: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Merge, fuse or drop tokens as `assignment` says.
 
     Args:
         x: [B, N, C] hidden states.
         sizes: [B, N] float, how many original tokens each current token holds.
     Returns:
-        (x_out [B, n_out, C], sizes_out [B, n_out], share [B, N]); `share` is each token's share of
-        its output token (weight / sum of weights there, or the raw weight for "sum"), 0 for
-        discarded tokens. Sizes always add up.
+        (x_out [B, n_out, C], sizes_out [B, n_out], share [B, N], edge_share [B, E] or None);
+        `share` is each token's share of its primary output token (weight / sum of weights there,
+        edges included, or the raw weight for "sum"), 0 for discarded tokens; `edge_share` the same
+        for the edges. Sizes add up over the primary destinations unless the assignment gives its own.
     Raises:
         ValueError: an unknown `combine` rule.
     """
     batch = x.shape[0]
     keep = assignment.dest >= 0
     dest = assignment.dest.clamp(min=0)
-    weight = torch.where(keep, assignment.weight.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    weight = torch.where(keep, assignment.weight.to(x.dtype), zero)
+    edges = assignment.edges
+    edge_weight = edge_target = None
+    if edges is not None:
+        edge_target = edges.target.clamp(min=0)
+        edge_weight = torch.where(edges.target >= 0, edges.weight.to(x.dtype), zero)
     rule = assignment.combine
+    edge_share = edge_weight
     if rule == "sum":
         share = weight
     else:
         # Normalise the [B, N] weights first, so the weighted mean costs no pass over [B, n_out, C].
         denominator = weight.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, weight)
-        share = weight / denominator.gather(1, dest).clamp(min=torch.finfo(x.dtype).tiny)
+        if edges is not None:
+            denominator.scatter_add_(1, edge_target, edge_weight)
+        tiny = torch.finfo(x.dtype).tiny
+        share = weight / denominator.gather(1, dest).clamp(min=tiny)
+        if edges is not None:
+            edge_share = edge_weight / denominator.gather(1, edge_target).clamp(min=tiny)
     if rule in ("mean", "sum"):
         out = weighted_rows(x, assignment.dest, share, assignment.n_out)
+        if edges is not None:
+            sources = x.gather(1, edges.source.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            out = out + weighted_rows(sources, edges.target, edge_share, assignment.n_out)
     elif callable(rule):
         out = rule(x, assignment, share)
     else:
         raise ValueError(f"unknown combine rule {rule!r}: use 'mean', 'sum' or a callable")
-    sizes_out = sizes.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, torch.where(keep, sizes, torch.zeros_like(sizes)))
-    return out, sizes_out, share
+    if assignment.sizes is not None:
+        sizes_out = assignment.sizes.to(sizes.dtype)
+    else:
+        sizes_out = sizes.new_zeros(batch, assignment.n_out).scatter_add_(1, dest, torch.where(keep, sizes, torch.zeros_like(sizes)))
+    return out, sizes_out, share, edge_share
 
 
 def token_kinds(body: torch.Tensor | str, n_out: int | None = None, batch: int | None = None,
@@ -167,9 +217,11 @@ def keep_assignment(kept: torch.Tensor, n_tokens: int, fuse_weight: torch.Tensor
 
 
 def kept_count(keep_rate: float, n: int) -> int:
-    """`ceil(keep_rate * n)` (EViT, methods.md §2), with the product rounded to 9 decimals first so
-    that float noise such as 0.7 * 100 = 70.00000000000001 does not keep one token too many."""
-    return min(n, max(1, math.ceil(round(keep_rate * n, 9))))
+    """`math.ceil(keep_rate * n)`, exactly EViT's official formula (`left_tokens =
+    math.ceil(keep_rate * (N - 1))`, methods.md §2), in IEEE double, between 1 and n. No rounding
+    of the product first: at 240 px (225 patches) and keep rate 0.56, 0.56 * 225 is
+    126.00000000000001 and EViT keeps 127."""
+    return min(n, max(1, math.ceil(keep_rate * n)))
 
 
 def complement(selected: torch.Tensor, n: int) -> torch.Tensor:
@@ -275,6 +327,11 @@ class ReduceContext:
         params: the plan's parameters, parsed, defaults filled in.
         num_patches: the number of original patches (196 for DeiT at 224 px).
         extras: method weights loaded with the checkpoint (e.g. "score_predictor"), or {}.
+        valid: [B, N] bool, False on padding slots once images keep different token counts (ATS),
+            else None; a method that may see padding must leave it out of its decisions.
+        state: a dict that lives for one forward pass, shared by the method's stages (e.g. a graph
+            built at the first stage); starts empty.
+        embedding: [B, N0, C] the tokens entering the first block (patch and position embedding).
         cls_attention ... attention: what the method declared in `Method.needs` (see `NEEDS`),
             computed from this block's attention; None when not asked for.
     """
@@ -289,6 +346,9 @@ class ReduceContext:
     depth: int = 12
     layers: tuple[int, ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
+    valid: torch.Tensor | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    embedding: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
     cls_attention_heads: torch.Tensor | None = None
     keys: torch.Tensor | None = None
@@ -326,6 +386,8 @@ class StageShape:
 # Comparison rows of the main page: each method says which rows it joins (`Method.comparison`).
 COMPARISON_ROWS: dict[str, str] = {
     "importance-diversity": "Comparison at one budget: importance, diversity and both (BAT's figure)",
+    "pruning": "Pruning methods at the same budget",
+    "merging": "Merging methods at the same budget",
 }
 
 
@@ -359,7 +421,12 @@ class Method:
         name: the CLI name (`--method NAME`), a lower-case identifier.
         label: the name shown in the app and figures.
         paper: the source, e.g. "EViT, Liang et al., ICLR 2022".
-        acts: "inside" (after the attention residual, before the MLP) or "before" (on the block input).
+        acts: "inside" (after the attention residual, before the MLP), "before" (on the block input)
+            or "attention" (on the block input, reading the block's own attention of the unreduced
+            tokens, which the assignment may hand on, reduced, to the rest of the block: MCTF).
+        A method may also define `transform_attention(probs [B, H, N, N], ctx) -> probs`: at its
+        reducing blocks the attention is then computed explicitly and the transformed probabilities
+        are used for the block's output and for `needs` (GTP-ViT's sparsified attention).
         default_layers: 1-based reducing layers, or None for every block.
         needs: what the engine must compute at a reducing block (a subset of `NEEDS`).
         params: the method's parameters.

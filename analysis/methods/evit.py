@@ -32,7 +32,8 @@ class EViT(Method):
     params = (
         ParamSpec("fuse", True, "bool", "Fuse the inattentive tokens into one extra token (EViT's default); off drops them."),
     )
-    comparison = (ComparisonEntry("importance-diversity", 1, "importance-based: EViT", (("fuse", False),)),)
+    comparison = (ComparisonEntry("importance-diversity", 1, "importance-based: EViT", (("fuse", False),)),
+                  ComparisonEntry("pruning", 3, "EViT"))
 
     def assign(self, ctx: ReduceContext) -> TokenAssignment | None:
         """EViT at one stage: [cls, kept (descending class attention), fused]; the fused token is the

@@ -115,7 +115,7 @@ class ToMe(Method):
     uses_keep_rate = False
     colour = "#9467bd"
     marker = "v"
-    comparison = (ComparisonEntry("importance-diversity", 5, "ToMe"),)
+    comparison = (ComparisonEntry("importance-diversity", 5, "ToMe"), ComparisonEntry("merging", 1, "ToMe"))
     params = (
         ParamSpec(
             "r", 13, "int_list",

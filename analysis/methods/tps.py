@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from ..errors import WeightsError
 from .base import (
-    KIND_CODE, ComparisonEntry, Method, ParamSpec, ReduceContext, StageShape, TokenAssignment, complement, keep_assignment,
-    register, token_kinds,
+    KIND_CODE, ComparisonEntry, Edges, Method, ParamSpec, ReduceContext, StageShape, TokenAssignment, complement,
+    keep_assignment, register, token_kinds,
 )
 from .evit import select_attentive
 
@@ -60,8 +60,12 @@ def cosine_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x / (x.norm(dim=-1, keepdim=True) + eps)
 
 
-def squeeze_hosts(x: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor, tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each pruned token's host and squeeze logit (methods.md §3, steps 1 and 2).
+def squeeze_hosts(x: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor, tau: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each pruned token's hosts and squeeze logit (methods.md §3, steps 1 and 2).
+
+    As the official `TPSModule` (`cos == rowmax`), a pruned token whose similarity ties between
+    several kept tokens is squeezed into every tied host.
 
     Args:
         x: [B, N, C] hidden states (not keys).
@@ -69,15 +73,18 @@ def squeeze_hosts(x: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor, tau
         pruned: [B, m] long indices of the pruned tokens in `x`.
         tau: temperature of the cosine similarity, > 0.
     Returns:
-        (host [B, m] long, the position in `kept` of each pruned token's most similar kept token;
-         logit [B, m] float32, its cosine similarity divided by tau, c_{j h(j)}).
+        (host [B, m] long, the position in `kept` of each pruned token's first (lowest-position)
+         most similar kept token; logit [B, m] float32, its cosine similarity divided by tau,
+         c_{j h(j)}; tied [B, m, k] bool, every host whose similarity equals that maximum).
     """
     channels = x.shape[-1]
     hosts = cosine_normalize(x.float().gather(1, kept.unsqueeze(-1).expand(-1, -1, channels)))
     guests = cosine_normalize(x.float().gather(1, pruned.unsqueeze(-1).expand(-1, -1, channels)))
     similarity = guests @ hosts.transpose(1, 2) / tau  # [B, m, k]
-    logit, host = similarity.max(dim=-1)
-    return host, logit
+    logit = similarity.amax(dim=-1)
+    tied = similarity == logit.unsqueeze(-1)
+    host = tied.to(torch.uint8).argmax(dim=-1)  # the first of the tied hosts
+    return host, logit, tied
 
 
 def squeeze_assignment(x: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor, tau: float = 1.0) -> TokenAssignment:
@@ -91,10 +98,12 @@ def squeeze_assignment(x: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor
     Returns:
         the assignment (n_out = k + 1, weighted mean) with kinds "host" for kept tokens that
         received at least one pruned token, "kept" for the rest; `pruned` marks the squeezed
-        tokens; `extra["dispatch"]` is [B, n_out] float, each output token's own share
-        e / (e + sum_j e^{c_jh}) (1 where nothing was received, and for cls). The share of each
-        pruned token in its host, e^{c_jh} / den_h, is what `apply_assignment` returns (the
-        engine keeps it per patch as `Stage.patch_weight`).
+        tokens. A pruned token tied between several hosts goes to the first as its `dest` and to
+        the others as `edges`, with the same weight e^{c_jh} in each. `extra["dispatch"]` is
+        [B, n_out] float, each output token's own share e / (e + sum_j e^{c_jh}) (1 where nothing was
+        received, and for cls). The share of each pruned token in its host, e^{c_jh} / den_h, is
+        what `apply_assignment` returns (the engine keeps it per patch as `Stage.patch_weight`, and
+        the other hosts' shares as `Stage.patch_edges`).
     """
     batch, n = x.shape[:2]
     k, m = kept.shape[1], pruned.shape[1]
@@ -104,18 +113,40 @@ def squeeze_assignment(x: torch.Tensor, kept: torch.Tensor, pruned: torch.Tensor
     slots = torch.arange(1, k + 1, device=device).expand(batch, k)
     dest.scatter_(1, kept, slots)
     received = torch.zeros(batch, k + 1, dtype=torch.float32, device=device)
+    edges = None
     if m > 0:
-        host, logit = squeeze_hosts(x, kept, pruned, tau)
+        host, logit, tied = squeeze_hosts(x, kept, pruned, tau)
         dest.scatter_(1, pruned, host + 1)
         # Divided by e: self weight 1, pruned e^{c - 1}; shares unchanged, exponent kept small.
         guest_weight = torch.exp(logit - 1.0)
         weight.scatter_(1, pruned, guest_weight)
         received.scatter_add_(1, host + 1, guest_weight)
+        others = tied.scatter(2, host.unsqueeze(-1), False)  # tied hosts beyond the first
+        if bool(others.any()):
+            edges = _tie_edges(others, pruned, guest_weight)
+            received.scatter_add_(1, edges.target.clamp(min=0), torch.where(edges.target >= 0, edges.weight, 0.0))
     self_share = 1.0 / (1.0 + received)
     kinds = token_kinds(torch.where(received[:, 1:] > 0, KIND_CODE["host"], KIND_CODE["kept"]))
     pruned_mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
     pruned_mask.scatter_(1, pruned, True)
-    return TokenAssignment(dest=dest, weight=weight, n_out=k + 1, kinds=kinds, pruned=pruned_mask, extra={"dispatch": self_share})
+    return TokenAssignment(dest=dest, weight=weight, n_out=k + 1, kinds=kinds, pruned=pruned_mask, edges=edges,
+                           extra={"dispatch": self_share})
+
+
+def _tie_edges(others: torch.Tensor, pruned: torch.Tensor, guest_weight: torch.Tensor) -> Edges:
+    """`Edges` from [B, m, k] extra tied hosts: pruned token -> host slot (1-based), padded with -1."""
+    batch = others.shape[0]
+    per_image = others.flatten(1).sum(dim=1)
+    width = int(per_image.max())
+    image, j, h = others.nonzero(as_tuple=True)
+    slot = torch.arange(image.numel(), device=others.device) - torch.cumsum(per_image, 0).sub(per_image)[image]
+    source = pruned.new_zeros(batch, width)
+    target = pruned.new_full((batch, width), -1)
+    weight = guest_weight.new_zeros(batch, width)
+    source[image, slot] = pruned[image, j]
+    target[image, slot] = h + 1
+    weight[image, slot] = guest_weight[image, j]
+    return Edges(source=source, target=target, weight=weight)
 
 
 TAU = ParamSpec(
@@ -244,9 +275,9 @@ def predictor_keep_log_prob(weights: dict[str, torch.Tensor], stage: int, tokens
 
 
 def predictor_keep_count(keep_rate: float, stage: int, num_patches: int) -> int:
-    """`int(num_patches * keep_rate ** (stage + 1))` (DynamicViT / dTPS: 137, 96, 67 of 196 at 0.7),
-    rounded to 9 decimals first so float noise (0.7 ** 2 * 196) cannot lose a token; at least 1."""
-    return max(1, math.floor(round(num_patches * keep_rate ** (stage + 1), 9)))
+    """`int(num_patches * keep_rate ** (stage + 1))`, exactly the official DynamicViT / TPS formula
+    (`keep_ratio ** (k + 1)`, `int(init_n * ratio)`: 137, 96, 67 of 196 at 0.7); at least 1."""
+    return max(1, int(num_patches * keep_rate ** (stage + 1)))
 
 
 class _PredictorMethod(Method):
