@@ -180,7 +180,8 @@ def stage_panels(method: str, analysis: Analysis, crop: Image.Image, loaded: Loa
         for column, record in zip(columns, stages[start:start + per_row]):
             view = suggested_view(record)
             picture = labelled(stage_view(crop, record, grid), loaded)
-            column.image(picture, caption=f"layer {record.layer}: {VIEW_NAMES[view]}, {record.n_tokens} tokens out",
+            note = f" ({record.note})" if record.note else ""
+            column.image(picture, caption=f"layer {record.layer}: {VIEW_NAMES[view]}, {record.n_tokens} tokens out{note}",
                          width="stretch", output_format="PNG")
             download_png(column, "PNG", picture, f"{slug}_{method}_layer{record.layer}_{view}.png", f"dl_{method}_{record.layer}_{view}")
             if view == "dispatch":

@@ -332,7 +332,7 @@ def _stage(layer: int, assignment, before: torch.Tensor, share: torch.Tensor, ed
     token_sizes = torch.zeros(batch, assignment.n_out, dtype=torch.long, device=device)
     token_sizes.scatter_add_(1, after.clamp(min=0), (after >= 0).long())
     stage = Stage(layer=layer, patch_to_token=after, token_sizes=token_sizes, token_kinds=assignment.kinds,
-                  valid=assignment.valid)
+                  valid=assignment.valid, notes=assignment.notes)
     nan = torch.full((), float("nan"), device=device)
     if cls_attention is not None:
         padded = torch.cat([cls_attention.new_zeros(batch, 1), cls_attention.float()], 1)

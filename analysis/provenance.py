@@ -47,6 +47,7 @@ class Stage:
         patch_edges: (patch, token, share), each [B, M], for patches whose token also went into
             tokens other than the one holding it (ties, propagation); padded with -1 / NaN.
         valid: [B, n_out] bool, False for padding slots (images keeping different counts), or None.
+        notes: one text per image about the stage's decision (`TokenAssignment.notes`), or None.
         extra: method-specific arrays (e.g. a predictor's keep score).
     """
 
@@ -59,6 +60,7 @@ class Stage:
     patch_weight: torch.Tensor | None = None
     patch_edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     valid: torch.Tensor | None = None
+    notes: list[str] | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -94,6 +96,7 @@ class StageRecord:
         patch_weight: [P] float, each patch's token's share of its destination token, or None.
         edges: [M, 3] float (patch, token, share): further destinations of patches whose token went
             into several tokens (see `Stage.patch_edges`), or None.
+        note: the method's text about this image's decision at this stage, or None.
     """
 
     layer: int
@@ -104,6 +107,7 @@ class StageRecord:
     patch_pruned: np.ndarray | None = None
     patch_weight: np.ndarray | None = None
     edges: np.ndarray | None = None
+    note: str | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -139,6 +143,7 @@ class StageRecord:
             patch_pruned=None if stage.patch_pruned is None else arr(stage.patch_pruned).astype(bool),
             patch_weight=arr(stage.patch_weight),
             edges=edges,
+            note=None if stage.notes is None else stage.notes[index],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -151,6 +156,8 @@ class StageRecord:
             "token_sizes": self.token_sizes.tolist(),
             "token_kinds": list(self.token_kinds),
         }
+        if self.note is not None:
+            record["note"] = self.note
         if self.squeezes:
             others = self.other_hosts()
             entries = []
@@ -188,4 +195,4 @@ class StageRecord:
             edges = np.asarray(extra, dtype=np.float64).reshape(-1, 3) if extra else None
         return cls(layer=int(record["layer"]), patch_to_token=p2t, token_kinds=tuple(record["token_kinds"]),
                    token_sizes=np.asarray(record["token_sizes"], dtype=np.int64), patch_pruned=pruned, patch_weight=weight,
-                   edges=edges)
+                   edges=edges, note=record.get("note"))

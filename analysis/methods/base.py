@@ -84,6 +84,8 @@ class TokenAssignment:
         attention: optional [B, H, n_out, n_out] post-softmax attention for the rest of this block,
             for a method acting on the block's own attention (`acts = "attention"`); None: the
             block computes attention on the reduced tokens as usual.
+        notes: optional one short text per image about this stage's decision (e.g. PPT's "pooled:
+            variance 5.1e-05 < 7e-05"), shown under the picture and in the JSON.
         extra: optional arrays a method wants on its stage record, copied as they are; per patch
             [B, P] or per output token [B, n_out], as the method documents (e.g. TPS's "dispatch":
             [B, n_out] self weight of every output token).
@@ -99,6 +101,7 @@ class TokenAssignment:
     sizes: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    notes: list[str] | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
