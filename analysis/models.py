@@ -149,13 +149,49 @@ def _download_failure(name: str) -> WeightsError:
     )
 
 
+def checkpoint_safe_globals() -> list[Any]:
+    """The plain types that training checkpoints (EViT's, DeiT's and timm's `main.py` / `train.py`)
+    hold besides tensors, allow-listed for `torch.load(weights_only=True)`: the run's
+    `argparse.Namespace` and numpy scalars with their dtypes (e.g. a saved best accuracy). Nothing
+    here can run code when unpickled."""
+    import argparse
+
+    allowed: list[Any] = [argparse.Namespace, np.dtype]
+    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            module = __import__(module_name, fromlist=["scalar"])
+        except ImportError:
+            continue
+        allowed.append(module.scalar)
+        break
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, name) for name in dir(dtypes) if name.endswith("DType")]
+    return allowed
+
+
+def _refused_type(message: str) -> str | None:
+    """The type torch's weights-only unpickler refused, from its message, or None (another failure)."""
+    import re
+
+    match = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"but got <class '([^']+)'>", message)
+    return match.group(1) if match else None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from a .pth/.pt (torch.load, weights_only) or .safetensors file.
 
-    The DeiT-release wrapper `{"model": state_dict}` (and `{"state_dict": ...}`) is unwrapped.
-    Raises WeightsError when the file is missing or unreadable.
+    Training checkpoints are accepted: the `{"model": state_dict}` wrapper (and `{"state_dict": ...}`)
+    is unwrapped, and the plain types they also hold (`checkpoint_safe_globals`: argparse.Namespace,
+    numpy scalars and dtypes) are allowed while unpickling; nothing that could run code is.
+    Raises WeightsError when the file is missing, a folder, unreadable, holds a refused type (the
+    message names it) or holds no state dict.
     """
+    import pickle
+
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"checkpoint {path} is a folder, not a checkpoint file: give the .pth/.pt/.safetensors file in it")
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
     try:
@@ -164,7 +200,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(checkpoint_safe_globals()):
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _refused_type(str(err))
+        if refused is None:
+            raise WeightsError(f"checkpoint {path} could not be read (UnpicklingError): is it a .pth/.pt/.safetensors state dict?") from None
+        raise WeightsError(
+            f"checkpoint {path} holds a {refused} object, which tokenscope does not unpickle because loading it could run code: "
+            "save the model's state dict (torch.save(model.state_dict(), path)) or a .safetensors file") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise WeightsError(f"checkpoint {path} could not be read ({type(err).__name__}): is it a .pth/.pt/.safetensors state dict?") from None
     for key in ("model", "state_dict", "model_state"):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,52 @@ def test_unknown_or_unsupported_models():
         load_model("no_such_model_xyz", "random", "cpu")
     with pytest.raises(ModelError, match="class token"):
         load_model("resnet18", "random", "cpu")
+
+
+def touch_marker(path: str) -> None:
+    """What the malicious pickle below calls when unpickled: creates a marker file."""
+    Path(path).touch()
+
+
+class _Marker:
+    """A pickle payload that would create a file when unpickled (it must never run)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (touch_marker, (str(self.path),))
+
+
+def test_training_checkpoints_load_safely(tiny, tmp_path, sample_batch):
+    """EViT's / DeiT's main.py save {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler',
+    'args'} with args an argparse.Namespace, often with numpy scalars (a best accuracy): they load with
+    weights_only through an allow-list of those plain types; a pickle that would run code never runs,
+    and the message names the refused type."""
+    import argparse
+
+    import numpy as np
+
+    state = tiny.model.state_dict()
+    checkpoint = {
+        "model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}, "lr_scheduler": {"last_epoch": 29},
+        "epoch": 29, "model_ema": None, "scaler": {"scale": 65536.0},
+        "args": argparse.Namespace(model="deit_tiny_patch16_224", base_keep_rate=0.7, drop_loc="(3, 6, 9)", lr=5e-4),
+        "max_accuracy": np.float64(72.31), "best_epoch": np.int64(28), "dtype": np.dtype("float32"),
+    }
+    torch.save(checkpoint, tmp_path / "evit_checkpoint.pth")
+    loaded = load_model(TINY, str(tmp_path / "evit_checkpoint.pth"), "cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(sample_batch[:1]), tiny.model(sample_batch[:1]))
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": state, "args": _Marker(marker)}, tmp_path / "malicious.pth")
+    with pytest.raises(WeightsError, match=r"holds a [\w.]*touch_marker object.*could run code") as info:
+        read_checkpoint(tmp_path / "malicious.pth")
+    assert not marker.exists()
+    assert "\n" not in str(info.value)
+
+
+def test_checkpoint_folder_is_named_a_folder(tmp_path):
+    with pytest.raises(WeightsError, match="is a folder, not a checkpoint file"):
+        read_checkpoint(tmp_path)
