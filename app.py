@@ -29,6 +29,7 @@ from ui.shared import AnalysisKey, analyse_image, image_diversity, model_crop, m
 from viz.charts import diversity_chart
 from viz.interactive import dispatch_figure, html_bytes
 from viz.overlays import (
+    MERGE_STYLES,
     VIEW_NAMES,
     Panel,
     attention_view,
@@ -61,6 +62,7 @@ class Settings:
     layers: tuple[int, ...] | None
     crop_pct: float | None
     params: dict[str, dict[str, Any]]
+    merge_style: str = "tint"
 
 
 def param_widget(container, method: str, spec: ParamSpec) -> Any:
@@ -109,10 +111,20 @@ def method_sidebar(loaded: LoadedModel) -> Settings:
                                     "(" + ", ".join(m.label for m in methods.values() if m.uses_keep_rate) + ")")
     layers_text = sidebar.text_input("Reduction layers (1-based)", DEFAULT_LAYERS, key="layers",
                                      help="Blocks where the keep-rate methods reduce, as the papers count (4,7,10). Methods that reduce in every "
-                                          "block by default (" + ", ".join(m.label for m in methods.values() if m.default_layers is None) + ") keep doing so.")
+                                          "block by default (" + ", ".join(m.label for m in methods.values() if m.default_layers is None) + ") keep doing so. "
+                                          "Blank: every method uses its own default layers.")
+    layers = parse_layers(layers_text)
+    if layers is None:
+        sidebar.caption("Layers blank: every method uses its own default layers (4,7,10 for most).")
+    elif list(layers) != sorted(layers):
+        sidebar.caption(f"Layers run in block order: {','.join(map(str, sorted(layers)))}.")
     default_crop = data_config(loaded.model)["crop_pct"]
     crop_choice = sidebar.radio("Crop", (f"model default ({default_crop:g})", f"papers ({PAPER_CROP_PCT})"), key="crop",
                                 help="Resize + centre crop fraction: the model's timm data config, or the papers' 0.875")
+    style_names = list(MERGE_STYLES)
+    merge_style = sidebar.radio("Merge groups drawn", style_names, format_func=MERGE_STYLES.get, key="merge_style",
+                                help="How merged tokens are drawn: the photo with each group tinted and outlined (legible), or each "
+                                     "group filled with its mean colour (as in ToMe's figures).")
     params: dict[str, dict[str, Any]] = {}
     for name in chosen:
         if name == "none" or not get_method(name).params:
@@ -122,9 +134,10 @@ def method_sidebar(loaded: LoadedModel) -> Settings:
     return Settings(
         methods=tuple(name for name in chosen if name != "none"),
         keep_rate=float(keep_rate),
-        layers=parse_layers(layers_text),
+        layers=layers,
         crop_pct=None if crop_choice.startswith("model") else PAPER_CROP_PCT,
         params=params,
+        merge_style=merge_style,
     )
 
 
@@ -167,28 +180,40 @@ def predictions_table(top5: list[dict[str, Any]]) -> pd.DataFrame:
                         index=range(1, len(top5) + 1))
 
 
-def stage_panels(method: str, analysis: Analysis, crop: Image.Image, loaded: LoadedModel, slug: str) -> None:
-    """One panel per stage: the picture that fits the method, then its class-attention map."""
+# A method that reduces in more blocks than this shows a chosen few stages (default: the sidebar's layers).
+MAX_STAGES_SHOWN = 6
+
+
+def stage_panels(method: str, analysis: Analysis, crop: Image.Image, loaded: LoadedModel, slug: str, settings: Settings,
+                 key: AnalysisKey, image: Image.Image) -> None:
+    """One panel per stage, three to a row: the picture that fits the method, then its class-attention
+    map. A method reducing in many blocks (ToMe: 12) shows the stages the user picks."""
     stages = analysis.stages
     if not stages:
         st.info("This plan changed no tokens (keep rate 1 or r = 0): nothing to draw.")
         return
-    per_row = 3 if len(stages) <= 3 else 4
+    if len(stages) > MAX_STAGES_SHOWN:
+        layers = [record.layer for record in stages]
+        wanted = [layer for layer in (settings.layers or (4, 7, 10)) if layer in layers] or layers[-3:]
+        shown = st.multiselect(f"Stages to show ({len(stages)} reducing blocks)", layers, default=wanted, key=f"stages_{method}")
+        stages = [record for record in stages if record.layer in shown]
+    per_row = 3
     grid = loaded.grid_size
     for start in range(0, len(stages), per_row):
         columns = st.columns(per_row)
         for column, record in zip(columns, stages[start:start + per_row]):
             view = suggested_view(record)
-            picture = labelled(stage_view(crop, record, grid), loaded)
+            picture = labelled(stage_view(crop, record, grid, merge_style=settings.merge_style), loaded)
             note = f" ({record.note})" if record.note else ""
             column.image(picture, caption=f"layer {record.layer}: {VIEW_NAMES[view]}, {record.n_tokens} tokens out{note}",
                          width="stretch", output_format="PNG")
             download_png(column, "PNG", picture, f"{slug}_{method}_layer{record.layer}_{view}.png", f"dl_{method}_{record.layer}_{view}")
-            if view == "dispatch":
-                with column.expander("interactive dispatch map"):
-                    figure = dispatch_figure(crop, record, grid, title=f"{get_method(method).label}, layer {record.layer}")
-                    st.plotly_chart(figure, key=f"plot_{method}_{record.layer}")
-                    st.download_button("HTML", data=lambda f=figure: html_bytes(f), file_name=f"{slug}_{method}_layer{record.layer}_dispatch.html",
+            if view == "dispatch" and column.toggle("interactive dispatch map", key=f"show_plot_{method}_{record.layer}",
+                                                    help="patch, host token and squeeze weight on hover; built when opened"):
+                figure = dispatch_figure_cached(key.with_plan(analysis.plan), record.layer, f"{get_method(method).label}, layer {record.layer}",
+                                                image)
+                column.plotly_chart(figure, key=f"plot_{method}_{record.layer}")
+                column.download_button("HTML", data=lambda f=figure: html_bytes(f), file_name=f"{slug}_{method}_layer{record.layer}_dispatch.html",
                                        mime="text/html", key=f"dlh_{method}_{record.layer}", on_click="ignore")
             if record.cls_attention is not None:
                 heat = labelled(attention_view(crop, record.cls_attention, grid), loaded)
@@ -196,15 +221,31 @@ def stage_panels(method: str, analysis: Analysis, crop: Image.Image, loaded: Loa
                 download_png(column, "PNG", heat, f"{slug}_{method}_layer{record.layer}_attention.png", f"dl_{method}_{record.layer}_att")
 
 
-def method_tab(method: str, analysis: Analysis, dense: Analysis, crop: Image.Image, loaded: LoadedModel, slug: str) -> None:
+@st.cache_data(show_spinner=False, max_entries=32)
+def dispatch_figure_cached(key: AnalysisKey, layer: int, title: str, _image) -> Any:
+    """The interactive dispatch map of one stage, built once per (image, plan, layer)."""
+    analysis = analyse_image(key, _image)
+    record = next(r for r in analysis.stages if r.layer == layer)
+    return dispatch_figure(model_crop(key, _image), record, key.loaded().grid_size, title=title)
+
+
+def plan_caption(plan: ReductionPlan, depth: int) -> str:
+    """The plan in words: the keep rate (only for methods that have one), the layers, the parameters."""
+    spec = plan.spec()
+    parts = [f"keep rate {plan.keep_rate:g}"] if spec.uses_keep_rate else []
+    parts.append(f"layers {','.join(map(str, plan.reducing_layers(depth)))}")
+    parts += [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in plan.param_dict().items()]
+    return ", ".join(parts)
+
+
+def method_tab(method: str, analysis: Analysis, dense: Analysis, crop: Image.Image, loaded: LoadedModel, slug: str,
+               settings: Settings, key: AnalysisKey, image: Image.Image) -> None:
     spec = get_method(method)
     g = analysis.gmacs
-    st.caption(f"{spec.describe()} · plan: keep rate {analysis.plan.keep_rate:g}, layers "
-               f"{','.join(map(str, analysis.plan.reducing_layers(len(loaded.model.blocks))))}"
-               f"{', ' + ', '.join(f'{k}={v}' for k, v in analysis.plan.param_dict().items()) if analysis.plan.params or spec.params else ''}")
+    st.caption(f"{spec.describe()} · plan: {plan_caption(analysis.plan, len(loaded.model.blocks))}")
     st.markdown(f"**{g['gmacs']:.2f} GMACs** per image (dense {g['dense_gmacs']:.2f}, {g['reduction_pct']:.0f} % fewer) · "
                 f"tokens after the last block: {analysis.token_counts[-1]}")
-    stage_panels(method, analysis, crop, loaded, slug)
+    stage_panels(method, analysis, crop, loaded, slug, settings, key, image)
     left, right = st.columns(2)
     suffix = " (random weights)" if loaded.is_random else ""
     left.markdown(f"**Top-5, {spec.label}**{suffix}")
@@ -263,7 +304,7 @@ def comparison_section(key: AnalysisKey, image: Image.Image, crop: Image.Image, 
             if record.n_tokens != targets[layer]:
                 caption += f" (budget {targets[layer]}: not met exactly)"
             title = f"({chr(ord('b') + index)}) {entry.title}"
-            panels.append(Panel(title, stage_view(crop, record, loaded.grid_size, legend=False), caption))
+            panels.append(Panel(title, stage_view(crop, record, loaded.grid_size, legend=False, merge_style=settings.merge_style), caption))
             counts_line.append(f"{entry.title.split(':')[-1].strip()}: "
                                f"{', '.join(str(analysis.token_counts[block - 1]) for block in layers)}")
         overrides = [f"{method.label} with {', '.join(f'{k}={v}' for k, v in entry.params)}" for method, entry, _ in runs if entry.params]
@@ -384,7 +425,7 @@ def main() -> None:
         tabs = st.tabs([get_method(method).label for method in analyses])
         for tab, (method, analysis) in zip(tabs, analyses.items()):
             with tab:
-                method_tab(method, analysis, dense, crop, loaded, slug)
+                method_tab(method, analysis, dense, crop, loaded, slug, settings, key, image)
         diversity_section(analyses, dense, loaded, key, image)
     else:
         st.info("Choose one or more methods in the sidebar to see their pictures.")

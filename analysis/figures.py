@@ -205,9 +205,18 @@ def grid_images(content: dict[str, Any], images: Sequence[str | Path] | None = N
 
 
 def figure_grid(loaded, rows: Sequence[dict[str, Any]], image_paths: Sequence[Path], keep_rate: float | None = None,
-                crop_pct: float | None = None):
+                crop_pct: float | None = None, style: str = "tint", skipped: list[str] | None = None):
     """Rows images, columns "input" then each method at one keep rate: merge groups after the last
-    reduction stage (BAT's visualisation figure). Runs the model (provenance), draws with viz."""
+    reduction stage (BAT's visualisation figure). Runs the model (provenance), draws with viz.
+
+    Args:
+        style: the merge-group rendering (`viz.overlays.merge_groups_view`): "tint" (the photo with
+            each group tinted and outlined) or "mean" (each group filled with its mean colour).
+        skipped: a list that receives "path: reason" for every image that cannot be read (left out
+            of the grid; the rest are drawn).
+    Raises:
+        FiguresError: no reducing method at that keep rate, or no readable image at all.
+    """
     import torch
 
     from viz.charts import setting_label
@@ -215,8 +224,9 @@ def figure_grid(loaded, rows: Sequence[dict[str, Any]], image_paths: Sequence[Pa
     from viz.palette import method_colour
 
     from .engine import run
-    from .provenance import StageRecord
+    from .errors import ImageLoadError
     from .models import crop_only_transform, load_image, make_transform
+    from .provenance import StageRecord
 
     plt = _mpl()
     rate = pick_keep_rate(rows, keep_rate)
@@ -229,7 +239,17 @@ def figure_grid(loaded, rows: Sequence[dict[str, Any]], image_paths: Sequence[Pa
     grid = tuple(model.patch_embed.grid_size)
     crop_t = crop_only_transform(model, crop_pct)
     norm_t = make_transform(model, crop_pct)
-    pictures = [load_image(path) for path in image_paths]
+    pictures, readable = [], []
+    for path in image_paths:
+        try:
+            pictures.append(load_image(path))
+            readable.append(path)
+        except ImageLoadError as err:
+            if skipped is not None:
+                skipped.append(str(err))
+    if not pictures:
+        raise FiguresError("none of the grid's images could be read: pass --images FILE_OR_FOLDER")
+    image_paths = readable
     crops = [crop_t(picture) for picture in pictures]
     batch = torch.stack([norm_t(picture) for picture in pictures]).to(loaded.device)
     drawn: list[list[np.ndarray]] = [[np.asarray(crop)] for crop in crops]
@@ -240,7 +260,7 @@ def figure_grid(loaded, rows: Sequence[dict[str, Any]], image_paths: Sequence[Pa
         for index, crop in enumerate(crops):
             if result.stages:
                 record = StageRecord.from_stage(result.stages[-1], index)
-                picture = merge_groups_view(crop, record, grid, scale=1, legend=False)
+                picture = merge_groups_view(crop, record, grid, scale=1, legend=False, style=style)
             else:
                 picture = crop
             drawn[index].append(np.asarray(picture))
@@ -257,7 +277,7 @@ def figure_grid(loaded, rows: Sequence[dict[str, Any]], image_paths: Sequence[Pa
                 colour = "#000000" if j == 0 else method_colour(columns[j - 1]["method"])
                 ax.set_title(textwrap.fill(titles[j], 18), fontsize=7, color=colour)
             if j == 0:
-                ax.set_ylabel(Path(image_paths[i]).stem[:18], fontsize=6)
+                ax.set_ylabel(textwrap.fill(Path(image_paths[i]).stem, 16), fontsize=6)
     fig.suptitle(f"merge groups after the last reduction stage, keep rate {rate:g} ({loaded.name})", fontsize=7, y=1.0)
     fig.tight_layout(pad=0.3)
     return fig
@@ -276,7 +296,7 @@ def table_rows(rows: Sequence[dict[str, Any]], n_parameters: int | None) -> list
             lines.append([
                 _label(row), f"{row['keep_rate']:g}", setting, f"{row['top1']:.2f}", f"{row.get('top5', float('nan')):.2f}",
                 params_m, f"{row['gmacs']:.2f}", f"{row.get('gmacs_reduction_pct', float('nan')):.1f}".replace("-0.0", "0.0"),
-                f"{row.get('images_per_s', float('nan')):.1f}",
+                f"{row.get('images_per_s', float('nan')):.1f}" + ("*" if row.get("timing_note") else ""),
             ])
     return lines
 
@@ -326,7 +346,8 @@ def write_figures(results: str | Path | dict[str, Any], out: str | Path, images:
         model: which model's rows to draw, when the results hold several.
         per_token: plot r(Z) per token instead of the total.
     Returns:
-        {"written": [paths], "skipped": {figure: reason}}.
+        {"written": [paths], "skipped": {figure: reason}, "skipped_images": ["path: reason", ...] (images
+        left out of the grid because they cannot be read)}.
     Raises:
         SweepError / FiguresError for unreadable results or bad options.
     """
@@ -337,6 +358,7 @@ def write_figures(results: str | Path | dict[str, Any], out: str | Path, images:
     plt = _mpl()
     written: list[Path] = []
     skipped: dict[str, str] = {}
+    skipped_images: list[str] = []
     for stem, make in (("accuracy", lambda: figure_accuracy(rows)),
                        ("diversity", lambda: figure_diversity(rows, keep_rate, per_token))):
         if stem == "diversity" and not any(r.get("diversity") for r in rows):
@@ -347,22 +369,29 @@ def write_figures(results: str | Path | dict[str, Any], out: str | Path, images:
         plt.close(fig)
     config = content.get("config", {})
     n_parameters = config.get("n_parameters") if config.get("model") == rows[0]["model"] else None
-    written += write_table(rows, out, n_parameters, caption=f"{_title_note(rows)}; crop {rows[0].get('crop_pct')}")
+    caption = f"{_title_note(rows)}; crop {rows[0].get('crop_pct')}"
+    notes = sorted({row["timing_note"] for row in rows if row.get("timing_note")})
+    if notes:
+        caption += "; * " + "; ".join(notes)
+    written += write_table(rows, out, n_parameters, caption=caption)
     try:
         paths = grid_images(content, images, n_images)
         if loaded is None:
             from .models import load_model
 
             loaded = load_model(rows[0]["model"], config.get("weights", "pretrained"))
-        fig = figure_grid(loaded, rows, paths, keep_rate, rows[0].get("crop_pct"))
+        unreadable: list[str] = []
+        fig = figure_grid(loaded, rows, paths, keep_rate, rows[0].get("crop_pct"), skipped=unreadable)
+        skipped_images += unreadable
         written += _save(fig, out, "grid")
         plt.close(fig)
     except TokenscopeError as err:
         if images:
             raise
         skipped["grid"] = str(err)
-    (out / "figures.json").write_text(json.dumps({"written": [p.name for p in written], "skipped": skipped}, indent=1))
-    return {"written": written, "skipped": skipped}
+    (out / "figures.json").write_text(json.dumps({"written": [p.name for p in written], "skipped": skipped,
+                                                  "skipped_images": skipped_images}, indent=1))
+    return {"written": written, "skipped": skipped, "skipped_images": skipped_images}
 
 
 def zip_bytes(paths: Sequence[Path]) -> bytes:

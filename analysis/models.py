@@ -48,6 +48,8 @@ class LoadedModel:
         device: "cpu" or "cuda".
         extras: state dicts the backbone does not hold, keyed by prefix (e.g. "score_predictor"
             for the dTPS / DynamicViT predictor), loaded later by the methods that need them.
+        display_name: how the weights are named to a user when `weights` is an internal path (an
+            uploaded checkpoint's own file name), else None.
     """
 
     model: torch.nn.Module
@@ -56,11 +58,14 @@ class LoadedModel:
     is_random: bool
     device: str
     extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, hash=False, compare=False)
+    display_name: str | None = None
 
     @property
     def weights_label(self) -> str:
         """The weights as every output shows them; random weights are always spelt out."""
-        return "random (untrained; predictions are meaningless)" if self.is_random else self.weights
+        if self.is_random:
+            return "random (untrained; predictions are meaningless)"
+        return self.display_name or self.weights
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -254,7 +259,8 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], name: st
     return extras
 
 
-def load_model(name: str = DEFAULT_MODEL, weights: str = "pretrained", device: str | None = None) -> LoadedModel:
+def load_model(name: str = DEFAULT_MODEL, weights: str = "pretrained", device: str | None = None,
+               display_name: str | None = None) -> LoadedModel:
     """Build a timm ViT with the chosen weights, in eval mode on `device`.
 
     Args:
@@ -262,6 +268,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "pretrained", device: s
         weights: "pretrained" (timm's Hugging Face path and cache), a checkpoint path
             (.pth/.pt/.safetensors; `{"model": state_dict}` accepted), or "random".
         device: "cpu", "cuda" or None (CUDA when available).
+        display_name: the name outputs show for a checkpoint (e.g. an upload's own file name).
     Raises:
         ModelError: unknown name or not a ViT with a class token.
         WeightsError: pretrained weights neither cached nor downloadable (the message names the
@@ -288,7 +295,8 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "pretrained", device: s
         _check_architecture(model, name)
         extras = _load_state(model, read_checkpoint(weights), name, weights)
     model.eval().requires_grad_(False).to(device)
-    return LoadedModel(model=model, name=name, weights=weights, is_random=weights == "random", device=device, extras=extras)
+    return LoadedModel(model=model, name=name, weights=weights, is_random=weights == "random", device=device, extras=extras,
+                       display_name=display_name)
 
 
 def data_config(model: torch.nn.Module, crop_pct: float | None = None) -> dict[str, Any]:

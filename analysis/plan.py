@@ -72,7 +72,7 @@ class ReductionPlan:
         method: a registered method name, or "none" for the dense model.
         keep_rate: rho in (0, 1], the fraction of non-cls tokens kept at each stage (1.0 for
             methods driven by another budget, e.g. ToMe's r).
-        layers: 1-based reducing blocks, or None for the method's default.
+        layers: 1-based reducing blocks in block order (`make` sorts them), or None for the method's default.
         params: the method's explicitly set parameters as sorted (name, value) pairs, values
             already parsed by the method's `ParamSpec` (lists are tuples).
     """
@@ -93,7 +93,7 @@ class ReductionPlan:
         """
         try:
             rate = float(keep_rate)
-            layer_tuple = None if layers is None else tuple(int(layer) for layer in layers)
+            layer_tuple = None if layers is None else tuple(sorted(int(layer) for layer in layers))
         except (TypeError, ValueError):
             raise PlanError(f"keep rate must be a number and layers whole numbers, got {keep_rate!r} and {layers!r}") from None
         return cls(method=method, keep_rate=rate, layers=layer_tuple, params=_parse_params(method, params, strict=False))
@@ -158,11 +158,12 @@ class ReductionPlan:
 
     def resolved(self, depth: int) -> dict[str, Any]:
         """The plan as it runs on `depth` blocks, flattened as `inspect --json` prints its `params`:
-        keep_rate (for methods driven by the keep rate), layers (resolved) and every parameter
-        with defaults filled in; {} for the dense model."""
+        keep_rate (null for a method without one, e.g. ToMe, whose budget is in its own parameters),
+        layers (resolved) and every parameter with defaults filled in; {} for the dense model."""
         if self.is_dense:
             return {}
-        out: dict[str, Any] = {"keep_rate": self.keep_rate, "layers": list(self.reducing_layers(depth))}
+        rate = self.keep_rate if self.spec().uses_keep_rate else None
+        out: dict[str, Any] = {"keep_rate": rate, "layers": list(self.reducing_layers(depth))}
         for name, value in self.param_dict().items():
             out[name] = list(value) if isinstance(value, tuple) else value
         return out

@@ -272,28 +272,54 @@ class AccuracyAccumulator(Accumulator):
                 "n_images": self.seen, "correct1": self.correct1, "correct5": self.correct5}
 
 
+# A sweep's throughput is indicative only: below this many timed batches, or with other processes
+# competing for the cores, its images_per_s is flagged (`timing_note`); `bench` is the measurement.
+MIN_TIMED_BATCHES = 5
+
+
 @dataclass
 class TimingAccumulator(Accumulator):
-    """Seconds of timed forwards and the images they processed."""
+    """Seconds of timed forwards and the images they processed, and the highest 1-minute load
+    average seen after a batch (other processes competing for the cores make the times unreliable)."""
 
     name: ClassVar[str] = "timing"
     seconds: float = 0.0
     images: int = 0
     batches: int = 0
+    load_max: float = 0.0
 
     def update(self, obs: Observation) -> None:
         self.seconds += obs.seconds
         self.images += int(obs.batch.labels.numel())
         self.batches += 1
+        try:
+            self.load_max = max(self.load_max, os.getloadavg()[0])
+        except (AttributeError, OSError):
+            pass
 
     def merge(self, other: "TimingAccumulator") -> None:
         self.seconds += other.seconds
         self.images += other.images
         self.batches += other.batches
+        self.load_max = max(self.load_max, other.load_max)
 
     def row(self) -> dict[str, Any]:
         return {"images_per_s": self.images / self.seconds if self.seconds > 0 else float("nan"), "seconds": self.seconds,
-                "timed_batches": self.batches}
+                "timed_batches": self.batches, "load_average_max": self.load_max, "timing_note": timing_note(self.batches, self.load_max)}
+
+
+def timing_note(batches: int, load: float, threads: int | None = None) -> str | None:
+    """Why a sweep's images_per_s is only indicative (few timed batches, or a load average above the
+    cores + 1, i.e. other processes competed), or None when neither holds."""
+    reasons = []
+    if batches < MIN_TIMED_BATCHES:
+        reasons.append(f"it rests on {batches} timed batch{'es' if batches != 1 else ''} (fewer than {MIN_TIMED_BATCHES})")
+    cores = max(os.cpu_count() or 1, threads or torch.get_num_threads())
+    if load > cores + 1:
+        reasons.append(f"the load average reached {load:.1f} on {cores} cores (other processes competed)")
+    if not reasons:
+        return None
+    return "images/s is indicative only: " + " and ".join(reasons) + "; measure speed with `python -m analysis bench`"
 
 
 @dataclass
@@ -725,11 +751,12 @@ def run_sweep(
     device = loaded.device
     batch_index = start_batch
     checkpoint_every = config.checkpoint_every or max(1, 256 // config.batch_size)
+    n_batches = max(1, math.ceil(len(files) / config.batch_size))
     for batch in loader:
         skipped.extend(batch.skipped)
         if batch.images.numel():
             images = batch.images.to(device)
-            for setting in pending:
+            for position, setting in enumerate(pending):
                 tally = tallies[setting]
                 if tally.batches > batch_index:
                     continue  # already counted before an interruption
@@ -744,6 +771,10 @@ def run_sweep(
                 observation = Observation(result, batch, time.perf_counter() - started, model, loaded.extras)
                 for acc in tally.accumulators.values():
                     acc.update(observation)
+                if progress:  # within a batch too: one setting after another
+                    progress(min(1.0, (batch_index + (position + 1) / len(pending)) / n_batches),
+                             f"batch {batch_index + 1}/{n_batches}: {setting.label} at keep rate {setting.keep_rate:g} "
+                             f"({position + 1}/{len(pending)} settings)")
         for setting in pending:
             tallies[setting].batches = max(tallies[setting].batches, batch_index + 1)
         batch_index += 1

@@ -159,6 +159,9 @@ def show(content: dict) -> None:
     else:
         st.info("These results hold no diversity values (the sweep ran with --diversity-images 0).")
 
+    notes = sorted({row["timing_note"] for row in rows if row.get("timing_note")})
+    for text in notes:
+        st.warning(f"Throughput column: {text}.")
     frame = pd.DataFrame([{**{c: row.get(c) for c in CSV_COLUMNS}, "params": json.dumps(row.get("params", {}))} for row in rows])
     frame["method"] = [_label(m) for m in frame["method"]]
     st.dataframe(frame.drop(columns=["label"]), hide_index=True, width="stretch", key="curves_table")

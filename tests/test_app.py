@@ -104,12 +104,16 @@ def test_every_registered_method_renders(opened):
     assert labels == [METHODS[name].label for name in runnable]
     captions = images(at)
     stage_pictures = [c for c in captions if c.startswith("layer ") and "class attention" not in c]
-    # 3 stages each for the keep-rate methods, one per block for ToMe (r = 13 merges in all 12)
-    expected = sum(12 if METHODS[name].default_layers is None else 3 for name in runnable)
-    assert len(stage_pictures) == expected
+    # 3 stages each: the keep-rate methods reduce at 4, 7, 10; ToMe merges in all 12 blocks and shows the
+    # sidebar's layers by default (the others on request)
+    assert len(stage_pictures) == 3 * len(runnable)
+    assert at.multiselect(key="stages_tome").options == [str(layer) for layer in range(1, 13)]
     assert sum("dispatch map" in c for c in captions) == 3  # eTPS
-    assert sum("merge groups" in c for c in captions) == 3 + 3 + 12  # BAT, DPC, ToMe
-    assert len(at.get("plotly_chart")) == 3 + 1, "an interactive dispatch map per eTPS stage, and the diversity chart"
+    assert sum("merge groups" in c for c in captions) == 3 + 3 + 3  # BAT, DPC, ToMe
+    assert len(at.get("plotly_chart")) == 1, "the diversity chart; interactive dispatch maps are built when opened"
+    at.toggle(key="show_plot_etps_7").set_value(True).run()
+    assert_clean(at)
+    assert len(at.get("plotly_chart")) == 2
     counts = next(frame.value for frame in at.dataframe if list(frame.value.columns) == list(range(1, 13)))
     assert len(counts) == 1 + len(runnable)
     assert counts.loc["ToMe"].iloc[-1] == 41
@@ -279,3 +283,63 @@ def test_diversity_computed_on_demand_from_the_stored_block_outputs(tiny, sample
     assert not np.array_equal(analysis.diversity("medoid", True)[1], analysis.diversity("medoid", False)[1])
     with pytest.raises(ValueError, match="centre"):
         analysis.diversity(centre="mean")
+
+
+def test_checkpoints_by_upload_and_by_server_path(tiny, tmp_path):
+    """An uploaded checkpoint is named by its own file name, its temporary copy is gone once loaded;
+    a checkpoint too large to upload can be given by its path on the server; the shared model cache
+    is bounded; the upload limit is raised for ViT-B checkpoints."""
+    import tempfile
+
+    import tomllib
+
+    import ui.shared
+
+    before = set(Path(tempfile.gettempdir()).glob("tokenscope-ckpt-*"))
+    buffer = io.BytesIO()
+    torch.save({"model": tiny.model.state_dict()}, buffer)
+    at = fresh()
+    at.sidebar.radio(key="model_weights").set_value("checkpoint file").run()
+    at.sidebar.file_uploader(key="model_ckpt").set_value(("my_deit_tiny.pth", buffer.getvalue(), "application/octet-stream")).run()
+    assert_clean(at)
+    badges = [c.value for c in at.caption if "weights:" in c.value]
+    assert badges and all("weights: my_deit_tiny.pth" in b and "/tmp" not in b for b in badges), badges
+    assert set(Path(tempfile.gettempdir()).glob("tokenscope-ckpt-*")) == before, "no temporary copy left behind"
+
+    path = tmp_path / "server_side.pth"
+    path.write_bytes(buffer.getvalue())
+    at.sidebar.radio(key="model_weights").set_value("checkpoint path").run()
+    at.sidebar.text_input(key="model_ckpt_path").set_value(str(path)).run()
+    assert_clean(at)
+    assert any(f"weights: {path}" in c.value for c in at.caption)
+    at.sidebar.text_input(key="model_ckpt_path").set_value(str(tmp_path)).run()
+    assert at.error and "is a folder, not a checkpoint file" in at.error[0].value
+
+    assert ui.shared.cached_model._info.max_entries == ui.shared.MODEL_CACHE_ENTRIES <= 4
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] >= 1024  # MB: a ViT-B checkpoint is about 350 MB
+    assert config.get("client", {}).get("toolbarMode") != "minimal", "the running indicator and Stop button stay visible"
+
+
+def test_merge_groups_drawn_over_the_photo_by_default():
+    """The comparison row and the stage pictures draw merge groups over the photo (tinted and
+    outlined), legible; the mean-colour rendering is one choice away."""
+    at = fresh()
+    at.sidebar.multiselect(key="methods").set_value(["tome"]).run()
+    assert_clean(at)
+    assert at.sidebar.radio(key="merge_style").value == "tint"
+    tint = [c for c in images(at) if "merge groups" in (c or "")]
+    at.sidebar.radio(key="merge_style").set_value("mean").run()
+    assert_clean(at)
+    assert [c for c in images(at) if "merge groups" in (c or "")] == tint
+
+
+def test_layers_are_explained_when_blank_or_unsorted():
+    at = fresh()
+    at.sidebar.text_input(key="layers").set_value("").run()
+    assert_clean(at)
+    assert any("every method uses its own default layers" in c.value for c in at.sidebar.caption)
+    at.sidebar.text_input(key="layers").set_value("10,7,4").run()
+    assert_clean(at)
+    assert any("block order: 4,7,10" in c.value for c in at.sidebar.caption)
+    assert [c for c in images(at) if c and c.startswith("layer ")][0].startswith("layer 4:")

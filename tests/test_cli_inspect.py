@@ -136,7 +136,7 @@ def test_shared_parameter_names_stay_unambiguous(capsys, sample_files, tmp_path)
     code = exit_info.value.code
     out = capsys.readouterr().out
     assert code == 0
-    assert "BAT (reconstructed): default attention; Diversity-only clustering (DPC-kNN): default size" in " ".join(out.split())
+    assert "BAT (reconstructed): default attention; DPC-kNN (diversity only): default size" in " ".join(out.split())
     assert "--bat-weighting" in out and "--dpc-weighting" in out
     image = str(sample_files[0])
     for flags, want in ((["--method", "dpc", "--weighting", "attention"], "attention"), (["--method", "dpc"], "size"),
@@ -150,3 +150,19 @@ def test_shared_parameter_names_stay_unambiguous(capsys, sample_files, tmp_path)
     assert code == 2 and err.count("\n") == 1 and "--weighting is ambiguous" in err and "--bat-weighting" in err, err
     code, out, err = run_cli(capsys, "inspect", image, *TINY, "--method", "dpc", "--weighting", "nonsense")
     assert code == 2 and "--weighting" in err and "nonsense" in err
+
+
+def test_tome_json_has_no_keep_rate_and_says_when_r_is_capped(capsys, sample_files):
+    """ToMe has no keep rate: its JSON params say null; an r above half the tokens is capped, and the
+    stage records say so (caption and JSON note)."""
+    image = str(sample_files[0])
+    code, out, err = run_cli(capsys, "inspect", image, *TINY, "--method", "tome", "--r", "200", "--json")
+    assert code == 0, err
+    record = json.loads(out)[0]
+    assert record["params"]["keep_rate"] is None and record["params"]["r"] == 200
+    assert record["stages"][0]["note"].startswith("r=200 capped at 98")
+    assert record["token_counts"][:2] == [99, 50]
+    code, out, err = run_cli(capsys, "inspect", image, *TINY, "--method", "tome", "--json")
+    assert all("note" not in stage for stage in json.loads(out)[0]["stages"])  # r = 13 never hits the cap at 224 px
+    code, out, err = run_cli(capsys, "inspect", image, *TINY, "--method", "evit", "--layers", "10,7,4", "--json")
+    assert json.loads(out)[0]["params"]["layers"] == [4, 7, 10]

@@ -93,3 +93,20 @@ def test_bad_options_say_why(sample_sweep, tmp_path, tiny):  # noqa: F811
         write_figures(sample_sweep[0], tmp_path, keep_rate=0.3, loaded=tiny)
     with pytest.raises(FiguresError, match="does not exist"):
         write_figures(sample_sweep[0], tmp_path, images=[tmp_path / "nope.jpg"], loaded=tiny)
+
+
+def test_an_unreadable_image_is_skipped_and_named_not_the_grid(sample_sweep, sample_files, tmp_path):  # noqa: F811
+    """One unreadable photo among the grid's images: the grid is drawn from the rest, and the file is
+    named on the console."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sample_files[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    done = subprocess.run([sys.executable, "-m", "analysis", "figures", "--results", str(sample_sweep[0]), "--out", str(tmp_path / "f"),
+                           "--images", str(folder), "--n-images", "3"], capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "f" / "grid.png").is_file()
+    assert "skipped image" in done.stderr and "broken.JPEG" in done.stderr
+    with Image.open(tmp_path / "f" / "grid.png") as grid:
+        assert grid.height < grid.width * 1.2  # two image rows, not three

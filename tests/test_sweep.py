@@ -252,3 +252,34 @@ def test_csv_columns_are_the_rows_csv_fields(sample_sweep):
         assert tuple(next(csv.reader(handle))) == CSV_COLUMNS
     row = json.loads((out / "results.json").read_text())["rows"][0]
     assert ReductionPlan.from_record(row["plan"]).method == "evit" and row["uses_keep_rate"] is True
+
+
+def test_sweep_throughput_is_flagged_when_it_cannot_be_trusted(sample_sweep, tmp_path, capsys):
+    """images_per_s from 2 batches is marked indicative, in the results, the CLI and the figures'
+    table; and a load average above the cores + 1 is named."""
+    from analysis.cli import main
+    from analysis.sweep import MIN_TIMED_BATCHES, timing_note
+
+    _, outcome = sample_sweep  # 100 images in batches of 50: 2 timed batches per setting
+    row = next(r for r in outcome.rows if r["method"] == "evit")
+    assert row["timed_batches"] == 2 < MIN_TIMED_BATCHES and "indicative" in row["timing_note"]
+    assert timing_note(MIN_TIMED_BATCHES, 0.0) is None
+    assert "load average reached 99.0" in timing_note(10, 99.0)
+    code = main(["sweep", "--data", str(SAMPLE_DIR), "--model", TINY, "--device", "cpu", "--methods", "evit", "--keep-rates", "0.7",
+                 "--limit", "8", "--batch-size", "4", "--workers", "0", "--diversity-images", "0", "--out", str(tmp_path / "s"),
+                 "--quiet", "--figures", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert code == 0 and "WARNING: images/s is indicative only: it rests on 2 timed batches" in err
+    assert "indicative only" in (tmp_path / "f" / "table.md").read_text()
+
+
+def test_progress_moves_within_a_batch(tiny, tmp_path):
+    """The Curves page's progress bar moves per setting inside a batch, not only per batch: one batch
+    of 8 photos and three settings report three growing fractions before the end."""
+    reports = []
+    config = SweepConfig(data=str(SAMPLE_DIR), model=TINY, methods=("evit",), keep_rates=(0.9, 0.7, 0.5), limit=8, batch_size=8,
+                         workers=0, out=str(tmp_path / "p"), device="cpu", diversity_images=0)
+    run_sweep(config, loaded=tiny, progress=lambda fraction, text: reports.append((fraction, text)), show_bar=False)
+    within = [(f, t) for f, t in reports if "settings)" in t]
+    assert [round(f, 3) for f, _ in within] == [0.333, 0.667, 1.0]
+    assert "EViT at keep rate 0.9 (1/3 settings)" in within[0][1]

@@ -308,3 +308,43 @@ def test_bad_geometry_and_missing_dispatch(photo, records, tiny):
         ov.masked_view(crop.resize((230, 224)), record, tiny.grid_size)
     with pytest.raises(ValueError, match="dispatch"):
         ov.dispatch_view(crop, ov.StageRecord(4, record.patch_to_token, record.token_kinds, record.token_sizes), tiny.grid_size)
+
+
+def test_merge_groups_over_the_photo(tiny, photo, records):
+    """style="tint": the photo stays (a merged token's interior is the photo blended with its colour at
+    GROUP_TINT_ALPHA, not its mean colour), single tokens are the photo itself, borders as before."""
+    _, crop, _ = photo
+    grid = tiny.grid_size
+    record = records["tome"][0][5]
+    picture = ov.merge_groups_view(crop, record, grid, scale=SCALE, style="tint", legend=False)
+    pixels = np.asarray(picture, dtype=np.float64)
+    base = big(crop)
+    p2t = record.patch_to_token
+    sizes = np.bincount(p2t, minlength=record.n_tokens)
+    merged = [t for t in range(1, record.n_tokens) if sizes[t] >= 2]
+    colours = ov.distinct_colours(p2t, grid, merged)
+    token = merged[0]
+    patch = int(np.flatnonzero(p2t == token)[0])
+    inner = patch_block(pixels, patch)[SCALE * 4:-SCALE * 4, SCALE * 4:-SCALE * 4]
+    want = (1 - ov.GROUP_TINT_ALPHA) * patch_block(base, patch)[SCALE * 4:-SCALE * 4, SCALE * 4:-SCALE * 4] + \
+        ov.GROUP_TINT_ALPHA * np.asarray(colours[token], dtype=np.float64)
+    np.testing.assert_allclose(inner, want, atol=0.51)
+    single = int(np.flatnonzero(sizes[p2t] == 1)[0])
+    np.testing.assert_allclose(_interior(pixels, single), _interior(base, single), atol=0.51)
+    with pytest.raises(ValueError, match="style"):
+        ov.merge_groups_view(crop, record, grid, style="sepia")
+
+
+def test_pair_and_cluster_markers_differ_in_shape_and_fill(tiny, photo, records):
+    """BAT's attentive pairs (white ring, hollow) and inattentive clusters (black triangle, filled) stay
+    apart at small sizes: a ring's centre shows the picture, a triangle's centre is black."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (60, 30), (128, 128, 128))
+    draw = ImageDraw.Draw(canvas)
+    ov._draw_marker(draw, "ring", 15, 15, 7)
+    ov._draw_marker(draw, "triangle", 45, 15, 7)
+    pixels = np.asarray(canvas)
+    assert tuple(pixels[15, 15]) == (128, 128, 128)  # hollow ring: the background shows through
+    assert tuple(pixels[17, 45]) == (0, 0, 0)        # filled triangle
+    assert (pixels[:, :30] == 255).all(-1).sum() > 20 and (pixels[:, 30:] == 0).all(-1).sum() > 60

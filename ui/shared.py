@@ -5,6 +5,8 @@ modified: reduction settings travel in the `ReductionPlan` passed to each forwar
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from analysis.errors import TokenscopeError
+from analysis.errors import TokenscopeError, WeightsError
 from analysis.inspect import ImageAnalysis, analyse_images
 from analysis.registry import all_methods
 from analysis.models import (
@@ -28,29 +30,39 @@ from analysis.models import (
     weights_cached,
 )
 
-WEIGHT_SOURCES = ("pretrained", "checkpoint file", "random")
+WEIGHT_SOURCES = ("pretrained", "checkpoint file", "checkpoint path", "random")
+UPLOADED = "upload:"  # the weights key of an uploaded checkpoint: "upload:<sha1 of its bytes>"
+# Models held at once (all sessions share them): a ViT-B checkpoint is about 350 MB in memory, so
+# uploads from sessions that have closed cannot pile up; an evicted model is simply loaded again.
+MODEL_CACHE_ENTRIES = 4
 
 
-@st.cache_resource(show_spinner="Loading the model…")
-def cached_model(name: str, weights: str, device: str) -> LoadedModel:
-    """One LoadedModel per (name, weights, device), shared by all sessions."""
-    return load_model(name, weights, device)
+@st.cache_resource(show_spinner="Loading the model…", max_entries=MODEL_CACHE_ENTRIES)
+def cached_model(name: str, weights: str, device: str, _display_name: str | None = None,
+                 _checkpoint: bytes | None = None) -> LoadedModel:
+    """One LoadedModel per (name, weights, device), shared by all sessions.
+
+    For an uploaded checkpoint, `weights` is "upload:<sha1>" and `_checkpoint` its bytes (not hashed):
+    they are written to a temporary folder, loaded, and the folder is deleted at once; outputs name
+    the weights by `_display_name` (the upload's own file name).
+    Raises TokenscopeError as `load_model`, and WeightsError when an upload is asked for again after
+    its model left the cache (upload it again).
+    """
+    if weights.startswith(UPLOADED):
+        if _checkpoint is None:
+            raise WeightsError("the uploaded checkpoint is no longer in memory (the server keeps "
+                               f"{MODEL_CACHE_ENTRIES} models at once): upload it again")
+        with tempfile.TemporaryDirectory(prefix="tokenscope-ckpt-") as folder:
+            path = Path(folder) / Path(_display_name or "checkpoint.pth").name
+            path.write_bytes(_checkpoint)
+            loaded = load_model(name, str(path), device, display_name=_display_name)
+        return dataclasses.replace(loaded, weights=weights)
+    return load_model(name, weights, device, display_name=_display_name)
 
 
 @st.cache_data(show_spinner=False)
 def _cached_ok(name: str) -> bool:
     return weights_cached(name)
-
-
-def _save_checkpoint(upload) -> str:
-    """Write an uploaded checkpoint to a stable temporary path (keyed by content) and return it."""
-    data = upload.getvalue()
-    digest = __import__("hashlib").sha1(data).hexdigest()[:16]
-    suffix = Path(upload.name).suffix or ".pth"
-    path = Path(tempfile.gettempdir()) / f"tokenscope-ckpt-{digest}{suffix}"
-    if not path.exists():
-        path.write_bytes(data)
-    return str(path)
 
 
 @dataclass
@@ -78,19 +90,30 @@ def model_sidebar(key: str = "model") -> ModelChoice:
     index = {} if f"{key}_name" in st.session_state else {"index": MODEL_CHOICES.index(default_name)}
     name = sidebar.selectbox("Model", MODEL_CHOICES, key=f"{key}_name", help="timm ViT with a class token", **index)
     source = sidebar.radio("Weights", WEIGHT_SOURCES, key=f"{key}_weights", horizontal=True,
-                           help="pretrained: timm's Hugging Face download and cache; checkpoint: a local .pth/.pt/.safetensors; random: untrained (shapes and GMACs only)")
-    weights = source
+                           help="pretrained: timm's Hugging Face download and cache; checkpoint file: upload a .pth/.pt/.safetensors "
+                                "(up to the server's upload limit, .streamlit/config.toml); checkpoint path: a file on the server; "
+                                "random: untrained (shapes and GMACs only)")
+    weights, display, data = source, None, None
     if source == "checkpoint file":
         upload = sidebar.file_uploader("Checkpoint (.pth, .pt, .safetensors)", type=["pth", "pt", "safetensors"], key=f"{key}_ckpt")
         if upload is None:
-            st.info("Upload a checkpoint file in the sidebar, or pick pretrained or random weights.")
+            st.info("Upload a checkpoint file in the sidebar, or give its path on the server (checkpoint path), or pick "
+                    "pretrained or random weights.")
             return ModelChoice(None, None)
-        weights = _save_checkpoint(upload)
+        data = upload.getvalue()
+        weights, display = UPLOADED + hashlib.sha1(data).hexdigest(), upload.name
+    elif source == "checkpoint path":
+        text = sidebar.text_input("Checkpoint path on the server", key=f"{key}_ckpt_path",
+                                  help="A .pth/.pt/.safetensors file the server can read, e.g. a ViT-B checkpoint too large to upload.")
+        if not text.strip():
+            st.info("Type the checkpoint's path on the server in the sidebar.")
+            return ModelChoice(None, None)
+        weights = str(Path(text.strip()).expanduser())
     devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
     device = sidebar.selectbox("Device", devices, key=f"{key}_device")
     note = None
     try:
-        loaded = cached_model(name, weights, device)
+        loaded = cached_model(name, weights, device, display, data)
     except TokenscopeError as err:
         if source == "pretrained" and name == DEFAULT_MODEL and f"{key}_fallback" not in st.session_state:
             fallback = first_cached_model()

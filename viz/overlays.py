@@ -169,10 +169,15 @@ def _is_gradient(swatch) -> bool:
 
 
 def _draw_marker(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: float) -> None:
-    if shape == "circle":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 255, 255), outline=(0, 0, 0), width=2)
-    elif shape == "diamond":
-        draw.polygon([(x, y - r - 1), (x + r + 1, y), (x, y + r + 1), (x - r - 1, y)], fill=(0, 0, 0), outline=(255, 255, 255), width=2)
+    """A marker of radius r px: "ring" (hollow white ring, black edges: attentive pairs), "triangle"
+    (filled black triangle, white edge: inattentive clusters), "arrow". Ring and triangle differ in
+    both shape and fill, so they stay apart at small sizes."""
+    if shape == "ring":
+        width = max(2, int(r / 2.5))
+        draw.ellipse([x - r - 1, y - r - 1, x + r + 1, y + r + 1], outline=(0, 0, 0), width=width + 2)
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=(255, 255, 255), width=width)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r - 2), (x + r + 2, y + r + 1), (x - r - 2, y + r + 1)], fill=(0, 0, 0), outline=(255, 255, 255), width=2)
     elif shape == "arrow":
         draw.line([(x - r - 4, y), (x + r, y)], fill=(0, 0, 0), width=2)
         draw.polygon([(x + r + 3, y), (x + r - 3, y - 4), (x + r - 3, y + 4)], fill=(0, 0, 0))
@@ -295,22 +300,34 @@ def attention_view(crop: Image.Image, cls_attention: np.ndarray, grid: tuple[int
 MERGE_KINDS = ("pair", "cluster", "merged")
 
 
+MERGE_STYLES = {"tint": "over the photo (groups tinted and outlined)", "mean": "mean colour per group (ToMe's figures)"}
+GROUP_TINT_ALPHA = 0.35  # "tint" style: strength of a merged group's colour over the photo
+
+
 def merge_groups_view(crop: Image.Image, record: StageRecord, grid: tuple[int, int], *, scale: int = 2,
-                      legend: bool = True) -> Image.Image:
-    """Merge groups of one stage: each output token's region filled with the mean colour of its
-    patches, its border drawn in a colour distinct from its neighbours'.
+                      legend: bool = True, style: str = "mean") -> Image.Image:
+    """Merge groups of one stage, in one of two renderings (`MERGE_STYLES`): "mean", each output
+    token's region filled with the mean colour of its patches (ToMe's figures); "tint", the photo
+    itself with each merged token's region tinted in its colour (`GROUP_TINT_ALPHA`), so the image
+    stays legible (BAT's figures colour the groups over the image). In both, a merged token's
+    border is drawn in a colour distinct from its neighbours'.
 
     Tokens holding one patch get a thin `KEPT_BORDER` outline; merged tokens a 2-px border per
     scale unit in their palette colour. When the record mixes kinds (BAT, methods.md §4), a marker
-    tells them apart: a white circle on attentive pairs, a black diamond on inattentive clusters,
+    tells them apart: a white ring on attentive pairs, a black triangle on inattentive clusters,
     no marker on kept single tokens. Discarded patches are dimmed.
 
     Returns:
         RGB image of (W * scale, H * scale + legend) pixels.
+    Raises:
+        ValueError: an unknown style, or a grid that does not match the crop or the record.
     """
+    if style not in MERGE_STYLES:
+        raise ValueError(f"merge-group style must be one of {', '.join(MERGE_STYLES)}, got {style!r}")
     _check(crop, grid, record.patch_to_token.size)
     rows, cols = grid
     pixels = _base(crop, scale)
+    photo = pixels.copy()
     patch_px = (pixels.shape[0] // rows, pixels.shape[1] // cols)
     p2t = record.patch_to_token
     n_out = record.n_tokens
@@ -321,11 +338,21 @@ def merge_groups_view(crop: Image.Image, record: StageRecord, grid: tuple[int, i
     sums = np.stack([np.bincount(p2t[present], weights=patch_means[present, ch], minlength=n_out) for ch in range(3)], 1)
     token_mean = sums / np.maximum(counts, 1)[:, None]
     fill = np.where(present[:, None], token_mean[np.maximum(p2t, 0)], patch_means * DIM_FACTOR)
-    pixels = _patch_map(fill, grid, patch_px).copy()
     label_pixels = _patch_map(p2t, grid, patch_px)
     sizes = np.bincount(p2t[present], minlength=n_out)
     groups = [t for t in range(1, n_out) if sizes[t] >= 2]
     colours = distinct_colours(p2t, grid, groups)
+    if style == "mean":
+        pixels = _patch_map(fill, grid, patch_px).copy()
+    else:
+        pixels = photo
+        pixels[_patch_map(~present, grid, patch_px)] *= DIM_FACTOR
+        if groups:
+            tint_table = np.zeros((n_out + 1, 3))
+            for t, c in colours.items():
+                tint_table[t] = c
+            grouped_px = np.isin(label_pixels, groups)
+            _blend(pixels, grouped_px, tint_table[label_pixels[grouped_px]], GROUP_TINT_ALPHA)
     thin = _boundary(label_pixels, max(1, scale // 2))
     thick = _boundary(label_pixels, 2 * scale)
     single_px = np.isin(label_pixels, [t for t in range(1, n_out) if sizes[t] == 1])
@@ -346,13 +373,13 @@ def merge_groups_view(crop: Image.Image, record: StageRecord, grid: tuple[int, i
         draw = ImageDraw.Draw(picture)
         centres = patch_centres(grid, patch_px)
         for t in range(1, n_out):
-            shape = {"pair": "circle", "cluster": "diamond"}.get(kinds[t]) if sizes[t] else None
+            shape = {"pair": "ring", "cluster": "triangle"}.get(kinds[t]) if sizes[t] else None
             if shape is None:
                 continue
             members = np.flatnonzero(p2t == t)
             centroid = centres[members].mean(axis=0)
             anchor = centres[members[np.argmin(((centres[members] - centroid) ** 2).sum(1))]]
-            _draw_marker(draw, shape, anchor[0], anchor[1], 2.5 * scale)
+            _draw_marker(draw, shape, anchor[0], anchor[1], 3.5 * scale)
     if not legend:
         return picture
     items: list[LegendItem] = []
@@ -361,11 +388,13 @@ def merge_groups_view(crop: Image.Image, record: StageRecord, grid: tuple[int, i
         count = {k: sum(1 for t in range(1, n_out) if kinds[t] == k and sizes[t]) for k in ("pair", "cluster")}
         n_kept = sum(1 for t in range(1, n_out) if kinds[t] == "kept" and sizes[t])
         items += [(f"kept single token ({n_kept}): thin light outline", ("outline", KEPT_BORDER, 2)),
-                  (f"attentive pair ({count['pair']}): white circle", ("marker", "circle")),
-                  (f"inattentive cluster ({count['cluster']}): black diamond", ("marker", "diamond"))]
-        items.append(("fill = mean colour; coloured border = one merged token", ("outline", PALETTE[0], 3)))
+                  (f"attentive pair ({count['pair']}): white ring", ("marker", "ring")),
+                  (f"inattentive cluster ({count['cluster']}): black triangle", ("marker", "triangle"))]
+        fill_text = "fill = mean colour" if style == "mean" else "tint"
+        items.append((f"{fill_text}; coloured border = one merged token", ("outline", PALETTE[0], 3)))
     else:
-        items.append((f"merged token ({len(groups)}), border colour per token", ("outline", PALETTE[0], 3)))
+        what = "border colour per token" if style == "mean" else "tinted and outlined per token"
+        items.append((f"merged token ({len(groups)}), {what}", ("outline", PALETTE[0], 3)))
         items.append((f"single patch ({n_single})", ("outline", KEPT_BORDER, 2)))
     if (~present).any():
         items.append((f"discarded ({int((~present).sum())})", DISCARDED_SWATCH))
@@ -487,10 +516,13 @@ def suggested_view(record: StageRecord) -> str:
     return "masked"
 
 
-def stage_view(crop: Image.Image, record: StageRecord, grid: tuple[int, int], *, scale: int = 2, legend: bool = True) -> Image.Image:
-    """The picture `suggested_view` picks for this stage."""
+def stage_view(crop: Image.Image, record: StageRecord, grid: tuple[int, int], *, scale: int = 2, legend: bool = True,
+               merge_style: str = "tint") -> Image.Image:
+    """The picture `suggested_view` picks for this stage (merge groups in `merge_style`)."""
     kind = suggested_view(record)
-    draw_fn = {"dispatch": dispatch_view, "merge": merge_groups_view, "masked": masked_view}[kind]
+    if kind == "merge":
+        return merge_groups_view(crop, record, grid, scale=scale, legend=legend, style=merge_style)
+    draw_fn = {"dispatch": dispatch_view, "masked": masked_view}[kind]
     return draw_fn(crop, record, grid, scale=scale, legend=legend)
 
 

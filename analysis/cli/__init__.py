@@ -76,3 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly
+        sys.stderr.close()
+        return 0

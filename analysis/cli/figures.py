@@ -26,4 +26,6 @@ def main(args: argparse.Namespace) -> int:
         print(path)
     for name, reason in outcome["skipped"].items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
+    for reason in outcome["skipped_images"]:
+        print(f"skipped image {reason}", file=sys.stderr)
     return 0

@@ -54,7 +54,8 @@ def _summary(record: dict) -> str:
     for stage in record["stages"]:
         kinds = {kind: stage["token_kinds"].count(kind) for kind in dict.fromkeys(stage["token_kinds"])}
         dropped = stage["patch_to_token"].count(-1)
-        lines.append(f"  layer {stage['layer']}: {len(stage['token_kinds'])} tokens {kinds}, {dropped} patches discarded")
+        note = f" ({stage['note']})" if stage.get("note") else ""
+        lines.append(f"  layer {stage['layer']}: {len(stage['token_kinds'])} tokens {kinds}, {dropped} patches discarded{note}")
     for title, key in (("reduced", "top5"), ("dense", "dense_top5")):
         best = ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in record[key][:3])
         lines.append(f"  {title} top-3: {best}")

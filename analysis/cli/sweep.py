@@ -52,6 +52,11 @@ def main(args: argparse.Namespace) -> int:
         budget_schedule=args.budget_schedule, diversity_images=args.diversity_images,
     )
     outcome = run_sweep(config, show_bar=not args.quiet)
+    skipped = next((row.get("skipped_files") for row in outcome.rows if row.get("skipped_files")), [])
+    for reason in skipped[:20]:
+        print(f"skipped unreadable image {reason}", file=sys.stderr)
+    if len(skipped) > 20:
+        print(f"... and {len(skipped) - 20} more unreadable images (results.json lists the first 50)", file=sys.stderr)
     rows = [r for r in outcome.rows if r.get("model") == outcome.config["model"]]
     if outcome.config.get("is_random"):
         print("WARNING: random weights: accuracies are meaningless", file=sys.stderr)
@@ -61,6 +66,9 @@ def main(args: argparse.Namespace) -> int:
         params = ",".join(f"{k}={v}" for k, v in row["params"].items())
         print(f"{row['label']:<38}{row['keep_rate']:>6.2f}  {params:<18}{row['top1']:>7.2f}{row['top5']:>7.2f}{row['gmacs']:>7.2f}"
               f"{row['images_per_s']:>9.1f}  {row['n_images']} ({row['n_skipped']})")
+    notes = sorted({row["timing_note"] for row in rows if row.get("timing_note")})
+    for note in notes:
+        print(f"WARNING: {note}", file=sys.stderr)
     if args.figures:
         from ..figures import write_figures
 
@@ -68,4 +76,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"{len(figures['written'])} figure and table files in {args.figures}")
         for name, reason in figures["skipped"].items():
             print(f"skipped {name}: {reason}", file=sys.stderr)
+        for reason in figures["skipped_images"]:
+            print(f"skipped image {reason}", file=sys.stderr)
     return 0

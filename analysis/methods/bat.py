@@ -219,7 +219,7 @@ class DiversityClustering(Method):
     name = "dpc"
     rank = 60
     in_default_sweep = True
-    label = "Diversity-only clustering (DPC-kNN)"
+    label = "DPC-kNN (diversity only)"
     paper = "the diversity-based baseline of BAT (Long et al., CVPR 2023), DPC-kNN as in TCFormer (Zeng et al., CVPR 2022)"
     needs = frozenset({"cls_attention"})  # only for the "attention" weighting and the stage records
     colour = "#2ca02c"

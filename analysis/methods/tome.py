@@ -79,10 +79,10 @@ def tome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int) -> TokenAss
         r: merges in this block.
     Returns:
         the assignment (weights = sizes, weighted mean; kinds "merged" for tokens holding more
-        than one original token, "kept" otherwise), or None when r <= 0.
+        than one original token, "kept" otherwise; a note when r was capped), or None when r <= 0.
     """
     batch, n, _ = keys.shape
-    r = min(int(r), (n - 1) // 2)
+    asked, r = int(r), min(int(r), (n - 1) // 2)
     if r <= 0:
         return None
     device = keys.device
@@ -100,7 +100,8 @@ def tome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int) -> TokenAss
     n_out = n_unmerged + n_b
     sizes_out = sizes.new_zeros(batch, n_out).scatter_add_(1, dest, sizes)
     kinds = token_kinds(torch.where(sizes_out[:, 1:] > 1, KIND_CODE["merged"], KIND_CODE["kept"]))
-    return TokenAssignment(dest=dest, weight=sizes.float(), n_out=n_out, kinds=kinds)
+    notes = [f"r={asked} capped at {r}: at most (N - 1) // 2 of {n} tokens merge in one block"] * batch if r < asked else None
+    return TokenAssignment(dest=dest, weight=sizes.float(), n_out=n_out, kinds=kinds, notes=notes)
 
 
 @register
