@@ -10,6 +10,7 @@ comparison rows come from the registry (`analysis.registry`, `Method.comparison`
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from analysis.methods.base import COMPARISON_ROWS, ParamSpec, keep_rate_counts
 from analysis.models import PAPER_CROP_PCT, LoadedModel, data_config, load_image
 from analysis.plan import ReductionPlan, parse_layers
 from analysis.registry import all_methods, get_method
-from ui.shared import AnalysisKey, analyse_image, image_diversity, model_crop, model_sidebar, weights_badge
+from ui.shared import KEY_HASH, AnalysisKey, analyse_image, image_diversity, model_crop, model_sidebar, weights_badge
 from viz.charts import diversity_chart
 from viz.interactive import dispatch_figure, html_bytes
 from viz.overlays import (
@@ -171,8 +172,32 @@ def labelled(image: Image.Image, loaded: LoadedModel) -> Image.Image:
     return with_banner(image, "RANDOM WEIGHTS: untrained model, the pictures are meaningless") if loaded.is_random else image
 
 
-def download_png(container, label: str, image: Image.Image, file_name: str, key: str) -> None:
-    container.download_button(label, data=lambda: png_bytes(image), file_name=file_name, mime="image/png", key=key, on_click="ignore")
+def download_png(container, label: str, image: Image.Image | bytes, file_name: str, key: str) -> None:
+    # a callable: the bytes are handed over only when the button is pressed, not hashed on every rerun
+    data = (lambda: image) if isinstance(image, bytes) else (lambda: png_bytes(image))
+    container.download_button(label, data=data, file_name=file_name, mime="image/png", key=key, on_click="ignore")
+
+
+@st.cache_data(show_spinner=False, max_entries=16, hash_funcs=KEY_HASH)
+def crop_picture(key: AnalysisKey, _image) -> bytes:
+    """PNG bytes of the input crop the model sees (with the random-weights banner when it applies)."""
+    return png_bytes(labelled(model_crop(key, _image), key.loaded()))
+
+
+# The stage pictures, drawn once per (image, plan, stage, rendering) and kept as PNG bytes, so a rerun
+# that changes something else (another widget, a diversity option) draws and encodes nothing again.
+@st.cache_data(show_spinner=False, max_entries=256, hash_funcs=KEY_HASH)
+def stage_picture(key: AnalysisKey, layer: int, merge_style: str, attention: bool, _image) -> bytes:
+    """PNG bytes of one stage's picture (`viz.overlays.stage_view`), or of its class-attention map."""
+    loaded = key.loaded()
+    analysis = analyse_image(key, _image)
+    record = next(r for r in analysis.stages if r.layer == layer)
+    crop = model_crop(key, _image)
+    if attention:
+        picture = attention_view(crop, record.cls_attention, loaded.grid_size)
+    else:
+        picture = stage_view(crop, record, loaded.grid_size, merge_style=merge_style)
+    return png_bytes(labelled(picture, loaded))
 
 
 def predictions_table(top5: list[dict[str, Any]]) -> pd.DataFrame:
@@ -198,12 +223,11 @@ def stage_panels(method: str, analysis: Analysis, crop: Image.Image, loaded: Loa
         shown = st.multiselect(f"Stages to show ({len(stages)} reducing blocks)", layers, default=wanted, key=f"stages_{method}")
         stages = [record for record in stages if record.layer in shown]
     per_row = 3
-    grid = loaded.grid_size
     for start in range(0, len(stages), per_row):
         columns = st.columns(per_row)
         for column, record in zip(columns, stages[start:start + per_row]):
             view = suggested_view(record)
-            picture = labelled(stage_view(crop, record, grid, merge_style=settings.merge_style), loaded)
+            picture = stage_picture(key.with_plan(analysis.plan), record.layer, settings.merge_style, False, image)
             note = f" ({record.note})" if record.note else ""
             column.image(picture, caption=f"layer {record.layer}: {VIEW_NAMES[view]}, {record.n_tokens} tokens out{note}",
                          width="stretch", output_format="PNG")
@@ -216,12 +240,12 @@ def stage_panels(method: str, analysis: Analysis, crop: Image.Image, loaded: Loa
                 column.download_button("HTML", data=lambda f=figure: html_bytes(f), file_name=f"{slug}_{method}_layer{record.layer}_dispatch.html",
                                        mime="text/html", key=f"dlh_{method}_{record.layer}", on_click="ignore")
             if record.cls_attention is not None:
-                heat = labelled(attention_view(crop, record.cls_attention, grid), loaded)
+                heat = stage_picture(key.with_plan(analysis.plan), record.layer, settings.merge_style, True, image)
                 column.image(heat, caption=f"layer {record.layer}: class attention", width="stretch", output_format="PNG")
                 download_png(column, "PNG", heat, f"{slug}_{method}_layer{record.layer}_attention.png", f"dl_{method}_{record.layer}_att")
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+@st.cache_data(show_spinner=False, max_entries=32, hash_funcs=KEY_HASH)
 def dispatch_figure_cached(key: AnalysisKey, layer: int, title: str, _image) -> Any:
     """The interactive dispatch map of one stage, built once per (image, plan, layer)."""
     analysis = analyse_image(key, _image)
@@ -278,7 +302,6 @@ def comparison_section(key: AnalysisKey, image: Image.Image, crop: Image.Image, 
     joins the row at the same token count per stage (methods meet it through `Method.budget`)."""
     depth, n0 = len(loaded.model.blocks), loaded.num_patches + 1
     target = keep_rate_counts(settings.keep_rate, depth, n0, settings.layers or (4, 7, 10))
-    targets = {block: count for block, count in enumerate(target, 1)}
     for row_index, (row, heading) in enumerate(COMPARISON_ROWS.items()):
         entries = comparison_entries(row)
         runnable = [(m, e) for m, e in entries if m.unavailable_reason(loaded.extras) is None]
@@ -293,28 +316,43 @@ def comparison_section(key: AnalysisKey, image: Image.Image, crop: Image.Image, 
             st.info("At this keep rate no method reduces anything, so there is nothing to compare.")
             continue
         layer = st.select_slider("Stage (layer) to compare", layers, value=layers[-1], key=f"compare_layer_{row}")
-        panels = [Panel("(a) input", crop, f"{loaded.num_patches} patches")]
-        counts_line = []
-        for index, (method, entry, analysis) in enumerate(runs):
-            # a method reducing in more blocks than the row's layers: its last stage up to this layer
-            record = max((r for r in analysis.stages if r.layer <= layer), key=lambda r: r.layer, default=None)
-            if record is None:
-                continue
-            caption = f"{record.n_tokens} tokens after layer {layer}"
-            if record.n_tokens != targets[layer]:
-                caption += f" (budget {targets[layer]}: not met exactly)"
-            title = f"({chr(ord('b') + index)}) {entry.title}"
-            panels.append(Panel(title, stage_view(crop, record, loaded.grid_size, legend=False, merge_style=settings.merge_style), caption))
-            counts_line.append(f"{entry.title.split(':')[-1].strip()}: "
-                               f"{', '.join(str(analysis.token_counts[block - 1]) for block in layers)}")
-        overrides = [f"{method.label} with {', '.join(f'{k}={v}' for k, v in entry.params)}" for method, entry, _ in runs if entry.params]
-        note = (f"Tokens (cls included) after layers {', '.join(map(str, layers))}: " + "; ".join(counts_line) +
-                f". Budget: keep rate {settings.keep_rate:g}, ceil(rho n) tokens per stage ({', '.join(str(targets[b]) for b in layers)}); "
-                "methods without a keep rate follow these counts block by block through their own budget parameter"
-                + (f"; {'; '.join(overrides)}" if overrides else "") + ".")
-        picture = labelled(comparison_row(panels, panel_size=224, note=note), loaded)
-        st.image(picture, caption=" · ".join(panel.title for panel in panels), width="stretch", output_format="PNG")
+        picture, caption = comparison_picture(key, row, layer, tuple(layers), settings, image)
+        st.image(picture, caption=caption, width="stretch", output_format="PNG")
         download_png(st, "PNG", picture, f"{slug}_comparison_{row}_layer{layer}.png", f"dl_comparison_{row_index}")
+
+
+@st.cache_data(show_spinner=False, max_entries=32, hash_funcs=KEY_HASH)
+def comparison_picture(key: AnalysisKey, row: str, layer: int, layers: tuple[int, ...], settings: Settings, _image) -> tuple[bytes, str]:
+    """PNG bytes and caption of one comparison row at one stage, drawn once per (image, row, stage,
+    settings) (the runs themselves are `analyse_image`'s, cached)."""
+    loaded = key.loaded()
+    crop = model_crop(key, _image)
+    depth, n0 = len(loaded.model.blocks), loaded.num_patches + 1
+    target = keep_rate_counts(settings.keep_rate, depth, n0, settings.layers or (4, 7, 10))
+    targets = {block: count for block, count in enumerate(target, 1)}
+    runs = [(method, entry, analyse_image(key.with_plan(comparison_plan(method, entry, settings, depth, n0, target)), _image))
+            for method, entry in comparison_entries(row) if method.unavailable_reason(loaded.extras) is None]
+    panels = [Panel("(a) input", crop, f"{loaded.num_patches} patches")]
+    counts_line = []
+    for index, (method, entry, analysis) in enumerate(runs):
+        # a method reducing in more blocks than the row's layers: its last stage up to this layer
+        record = max((r for r in analysis.stages if r.layer <= layer), key=lambda r: r.layer, default=None)
+        if record is None:
+            continue
+        caption = f"{record.n_tokens} tokens after layer {layer}"
+        if record.n_tokens != targets[layer]:
+            caption += f" (budget {targets[layer]}: not met exactly)"
+        title = f"({chr(ord('b') + index)}) {entry.title}"
+        panels.append(Panel(title, stage_view(crop, record, loaded.grid_size, legend=False, merge_style=settings.merge_style), caption))
+        counts_line.append(f"{entry.title.split(':')[-1].strip()}: "
+                           f"{', '.join(str(analysis.token_counts[block - 1]) for block in layers)}")
+    overrides = [f"{method.label} with {', '.join(f'{k}={v}' for k, v in entry.params)}" for method, entry, _ in runs if entry.params]
+    note = (f"Tokens (cls included) after layers {', '.join(map(str, layers))}: " + "; ".join(counts_line) +
+            f". Budget: keep rate {settings.keep_rate:g}, ceil(rho n) tokens per stage ({', '.join(str(targets[b]) for b in layers)}); "
+            "methods without a keep rate follow these counts block by block through their own budget parameter"
+            + (f"; {'; '.join(overrides)}" if overrides else "") + ".")
+    picture = labelled(comparison_row(panels, panel_size=224, note=note), loaded)
+    return png_bytes(picture), " · ".join(panel.title for panel in panels)
 
 
 def counts_table(analyses: dict[str, Analysis], dense: Analysis) -> pd.DataFrame:
@@ -357,15 +395,24 @@ def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: Lo
     series += [{"method": name, "label": get_method(name).label, "values": values(a),
                 "reducing_layers": list(a.plan.reducing_layers(depth))} for name, a in analyses.items()]
     title = "Token diversity r(Z) per block, this image" + (" (random weights)" if loaded.is_random else "")
-    figure = diversity_chart(series, title=title, per_token=per_token)
-    # Under Streamlit's theme the chart's title and its top legend overlap: the title goes above.
+    shown, figure = diversity_figures(json.dumps(series), title, per_token)
     centre_text = "the medoid token" if centre == "medoid" else "the channel-wise median"
     st.markdown(f"**{title}** (l1 distance to {centre_text}{', per token' if per_token else ''}"
                 f"{', size-weighted' if size_weighted else ''}; methods.md §5)")
-    shown = go.Figure(figure).update_layout(title=None, margin=dict(t=40))  # the HTML download keeps its title
     st.plotly_chart(shown, key="diversity_chart")
     st.download_button("HTML", data=lambda: html_bytes(figure), file_name="diversity_per_block.html", mime="text/html",
                        key="dl_diversity", on_click="ignore")
+
+
+# Figures are built once per data and shared as they are (never mutated): building a plotly figure
+# costs a few hundred milliseconds, most of a rerun otherwise.
+@st.cache_resource(show_spinner=False, max_entries=64)
+def diversity_figures(series_json: str, title: str, per_token: bool) -> tuple[go.Figure, go.Figure]:
+    """(the chart as shown, the same with its title for the HTML download) of the diversity series."""
+    figure = diversity_chart(json.loads(series_json), title=title, per_token=per_token)
+    # Under Streamlit's theme the chart's title and its top legend overlap: the page puts the title above.
+    shown = go.Figure(figure).update_layout(title=None, margin=dict(t=40))
+    return shown, figure
 
 
 # --- the page ----------------------------------------------------------------------------------
@@ -410,7 +457,7 @@ def main() -> None:
         st.stop()
 
     left, right = st.columns([1, 2.2])
-    left.image(labelled(crop, loaded), caption=f"input crop the model sees ({crop.width}×{crop.height}, "
+    left.image(crop_picture(key, image), caption=f"input crop the model sees ({crop.width}×{crop.height}, "
                                                f"{loaded.grid_size[0]}×{loaded.grid_size[1]} patches)", width="stretch", output_format="PNG")
     if analyses:
         right.markdown("**Summary per method**" + (" (random weights)" if loaded.is_random else ""))

@@ -23,7 +23,6 @@ method here keeps a fixed count per stage, so one image gives the counts of ever
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.bench import CSV_COLUMNS, BenchConfig, make_settings, run_benchmark
-from analysis.errors import BenchError, PlanError
+from analysis.errors import PlanError
 from analysis.cli import main as cli_main
 from analysis.engine import run
 from analysis.plan import ReductionPlan

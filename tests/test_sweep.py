@@ -206,10 +206,6 @@ def test_gmacs_come_from_the_observed_counts_without_a_dummy_forward(tmp_path, t
 def test_accumulators_merge_exactly(tiny, sample_files):
     """Two halves of a folder, accumulated apart and merged, give the row of the whole folder:
     counts add up exactly and means are kept as sums (diversity within float rounding)."""
-    import dataclasses
-
-    import torch
-
     from analysis.datasets import make_loader, resolve_dataset
     from analysis.engine import run
     from analysis.models import make_transform

@@ -173,8 +173,16 @@ class AnalysisKey:
     def with_plan(self, plan: Any) -> "AnalysisKey":
         return AnalysisKey(self.digest, self.model, self.weights, self.device, plan, self.crop_pct)
 
+    def token(self) -> str:
+        """The key as one string: what the caches hash (cheaper than hashing the dataclass)."""
+        return f"{self.digest}|{self.model}|{self.weights}|{self.device}|{self.plan!r}|{self.crop_pct!r}"
 
-@st.cache_data(show_spinner=False, max_entries=16)
+
+# st.cache_data hashes an AnalysisKey by its token string.
+KEY_HASH = {AnalysisKey: AnalysisKey.token}
+
+
+@st.cache_data(show_spinner=False, max_entries=16, hash_funcs=KEY_HASH)
 def model_crop(key: AnalysisKey, _image) -> Image.Image:
     """The exact crop the model sees (resize + centre crop, no normalisation) of the image whose
     bytes hash to `key.digest` (`_image` is not hashed: the digest stands for it; the plan is ignored)."""
@@ -184,7 +192,7 @@ def model_crop(key: AnalysisKey, _image) -> Image.Image:
 # 24 entries: two or three main-page views (dense, the chosen methods and the comparison rows' own
 # plans); each holds its block outputs (DeiT-S about 3.6 MB, DeiT-B 7 MB), so the cache stays
 # under about 200 MB on a shared server.
-@st.cache_data(show_spinner=False, max_entries=24)
+@st.cache_data(show_spinner=False, max_entries=24, hash_funcs=KEY_HASH)
 def analyse_image(key: AnalysisKey, _image) -> ImageAnalysis:
     """`analysis.inspect.analyse_images` of one PIL image under `key.plan`, cached by `key`.
 
@@ -196,7 +204,7 @@ def analyse_image(key: AnalysisKey, _image) -> ImageAnalysis:
     return analyse_images(key.loaded(), [_image], key.plan, key.crop_pct, dense=False)[0]
 
 
-@st.cache_data(show_spinner=False, max_entries=512)
+@st.cache_data(show_spinner=False, max_entries=512, hash_funcs=KEY_HASH)
 def image_diversity(key: AnalysisKey, centre: str, size_weighted: bool, _image) -> tuple[np.ndarray, np.ndarray]:
     """(raw, per-token) r(Z) per block (methods.md §5), each [depth] float64, of `key`'s analysis for
     one centre and weighting, cached across reruns by the key plus the two options (a few hundred

@@ -20,7 +20,6 @@ Linear, LogSoftmax), so those checkpoints load as they are:
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
