@@ -183,9 +183,9 @@ class PiToMe(Method):
         ),
         ParamSpec(
             "r", -1, "int_list",
-            "Merges per block, overriding the ratio: one number for every reducing block or a comma list, one per reducing "
-            "layer. -1 (default, and per entry) takes the ratio's count. Capped at T//2 (our choice; the official code has "
-            "no r argument).",
+            "Tokens merged per block: one number for every reducing block or a comma list, one per reducing layer. For PiToMe "
+            "it overrides the ratio; -1 (its default, also per entry) takes the ratio's count; capped at T//2 (our choice: "
+            "the official code has no r argument).",
             minimum=-1,
         ),
         ParamSpec(
@@ -203,8 +203,8 @@ class PiToMe(Method):
         ),
         ParamSpec(
             "prop_attn", False, "bool",
-            "Proportional attention: add log(size) of each key to the attention logits. Off in the official code "
-            "(550b5de); on is the variant of earlier commits.",
+            "Proportional attention: add log(size) of each key to the attention logits (PiToMe's official code at 550b5de: "
+            "off; earlier commits: on).",
         ),
     )
 
