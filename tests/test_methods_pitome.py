@@ -277,8 +277,9 @@ def test_r_override_and_prop_attn(tiny, sample_batch):
     result = run(tiny.model, images, ReductionPlan.make("pitome", r=schedule), track=False)
     assert result.token_counts == pitome_counts(0.9, schedule)
     assert result.token_counts[:4] == [177, 177, 167, 167 - merges_for_ratio(166, 0.9)]
-    capped = run(tiny.model, images, ReductionPlan.make("pitome", r=150), track=False)
+    capped = run(tiny.model, images, ReductionPlan.make("pitome", r=150))
     assert capped.token_counts == pitome_counts(0.9, 150) == [99, 50, 26, 14, 8, 5, 3, 2, 2, 2, 2, 2]
+    assert capped.stages[0].notes[0].endswith("r=150 capped at 98: at most half of the 196 patch tokens merge in one block")
     dense = run(tiny.model, images)
     none = run(tiny.model, images, ReductionPlan.make("pitome", ratio=1.0))
     torch.testing.assert_close(none.logits, dense.logits, atol=1e-4, rtol=1e-4)

@@ -110,7 +110,7 @@ def pitome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int, margin: f
     Args:
         keys: [B, N, d] keys averaged over heads (token 0 = cls, never merged).
         sizes: [B, N] float, original tokens held (cls 1).
-        r: merges in this block, capped at (N - 1) // 2.
+        r: merges in this block, capped at (N - 1) // 2 (the note says so).
         margin: this block's energy margin m_l; alpha: the ELU's alpha.
         bsm: True runs the energy-ordered bipartite matching over every token (the official first
             blocks); False protects the T - 2r lowest-energy tokens and merges every A token of
@@ -123,7 +123,7 @@ def pitome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int, margin: f
     """
     batch, n, _ = keys.shape
     t = n - 1
-    r = min(int(r), t // 2)
+    asked, r = int(r), min(int(r), t // 2)
     if r <= 0:
         return None
     device = keys.device
@@ -158,6 +158,8 @@ def pitome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int, margin: f
         note = f"energy-ordered matching over all {t} tokens (margin {margin:.4g}): {r} merged"
     else:
         note = f"{t - 2 * r} low-energy tokens protected; {r} of the top {2 * r} merged (margin {margin:.4g})"
+    if r < asked:
+        note += f"; r={asked} capped at {r}: at most half of the {t} patch tokens merge in one block"
     return TokenAssignment(dest=dest, weight=sizes.float(), n_out=n_out, kinds=kinds, notes=[note] * batch)
 
 
@@ -212,7 +214,8 @@ class PiToMe(Method):
         """PiToMe at one block (methods.md §10). Raises PlanError for an r list shorter than the plan's layers."""
         params = ctx.params
         t = ctx.keys.shape[1] - 1
-        r = block_merges(t, params["ratio"], r_entry(params["r"], ctx.stage))
+        entry = r_entry(params["r"], ctx.stage)
+        r = merges_for_ratio(t, params["ratio"]) if entry < 0 else entry  # pitome_assignment caps it at t // 2
         margin = block_margin(params["margin"], ctx.block_index, ctx.depth)
         bsm = ctx.block_index < bsm_blocks(params["bsm_share"], ctx.depth)
         return pitome_assignment(ctx.keys, ctx.sizes, r, margin, params["alpha"], bsm)
