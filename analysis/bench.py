@@ -159,12 +159,12 @@ def parse_list(text: str | Iterable, kind: type, what: str) -> list:
     return values
 
 
-def make_settings(methods: Iterable[str], keep_rates: Iterable[float] = (0.7,), r_values: Iterable[int] = (13,),
+def make_settings(methods: Iterable[str], keep_rates: Iterable[float] = (0.7,), r_values: Iterable[int] | None = None,
                   depth: int = 12, n0: int = 197, method_params: dict[str, dict[str, Any]] | None = None) -> list[BenchSetting]:
     """The settings to time: the dense model first (always, the speedups need it), then each
-    method at each keep rate; a method without a keep rate runs at each of `r_values` when it has
-    an `r` parameter (ToMe), else at each keep rate's budget (`Method.budget` for a model of
-    `depth` blocks and `n0` tokens).
+    method at each keep rate. A method without a keep rate runs at each keep rate's token budget
+    (`Method.budget` for a model of `depth` blocks and `n0` tokens), or, when `r_values` are given
+    and it has an `r` parameter (ToMe, PiToMe, ...), at each of those r instead.
 
     Raises:
         BenchError: a keep rate outside (0, 1].
@@ -184,7 +184,7 @@ def make_settings(methods: Iterable[str], keep_rates: Iterable[float] = (0.7,), 
         if method.uses_keep_rate:
             for rate in rates:
                 settings.append(BenchSetting(name, rate, None, ReductionPlan.make(name, rate, **user)))
-        elif method.param("r") is not None and "r" not in user:
+        elif r_values is not None and method.param("r") is not None and "r" not in user:
             for r in dict.fromkeys(int(r) for r in r_values):
                 settings.append(BenchSetting(name, 1.0, int(r), ReductionPlan.make(name, 1.0, **{**user, "r": int(r)})))
         else:

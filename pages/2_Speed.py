@@ -90,9 +90,11 @@ def main() -> None:
     methods = left.multiselect("Methods (the dense model is always timed)", runnable,
                                default=default_methods(runnable), format_func=_label, key="speed_methods")
     keep_rates = left.multiselect("Keep rates", KEEP_RATES, default=[0.7, 0.5], key="speed_keep_rates")
-    with_r = [_label(name) for name in runnable if all_methods()[name].param("r") is not None]
-    r_value = left.number_input(f"r, tokens merged per block ({', '.join(with_r) or 'methods with an r parameter'})", min_value=0,
-                                max_value=98, value=13, step=1, key="speed_r")
+    with_r = [_label(name) for name in runnable if all_methods()[name].param("r") is not None and not all_methods()[name].uses_keep_rate]
+    fixed_r = left.checkbox(f"Methods with an r parameter ({', '.join(with_r) or 'none'}) at a fixed r", value=True, key="speed_fixed_r",
+                            help="On: they merge r tokens per block; off: every method without a keep rate meets each keep rate's token budget.")
+    r_value = left.number_input("r, tokens merged per block", min_value=0, max_value=98, value=13, step=1, key="speed_r",
+                                disabled=not fixed_r)
     batch_sizes = middle.multiselect("Batch sizes", BATCH_SIZES, default=[32], key="speed_batch_sizes")
     amp = middle.checkbox("Autocast (float16 on CUDA, bfloat16 on CPU)", key="speed_amp")
     bound = middle.checkbox("Token-count bound (method overhead)", key="speed_bound",
@@ -110,7 +112,8 @@ def main() -> None:
                 raise TokenscopeError("choose at least one batch size")
             if any(all_methods()[m].uses_keep_rate for m in methods) and not keep_rates:
                 raise TokenscopeError("choose at least one keep rate for the keep-rate methods")
-            settings = make_settings(methods, keep_rates, [int(r_value)], len(loaded.model.blocks), loaded.num_patches + 1)
+            settings = make_settings(methods, keep_rates, [int(r_value)] if fixed_r else None, len(loaded.model.blocks),
+                                     loaded.num_patches + 1)
             config = BenchConfig(batch_sizes=tuple(sorted(batch_sizes)), warmup=int(warmup), repeats=int(repeats), amp=amp,
                                  bound=bound)
             bar = st.progress(0.0, text="starting")

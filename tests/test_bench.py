@@ -253,3 +253,14 @@ def test_bound_adds_the_twin_columns(tiny, capsys, tmp_path):
     assert bound > 0
     assert math.isclose(float(tome["speedup_bound"]), float(dense["latency_ms"]) / bound, rel_tol=1e-3)
     assert math.isclose(float(tome["method_overhead_pct"]), 100 * (float(tome["latency_ms"]) / bound - 1), rel_tol=1e-3, abs_tol=0.01)
+
+
+def test_methods_without_a_keep_rate_meet_each_budget_unless_r_is_given():
+    """Without --r, ToMe runs at each keep rate's token budget (its r from Method.budget); with --r, at
+    those r; keep-rate methods run at their keep rates either way."""
+    budget = make_settings(["evit", "tome"], [0.7, 0.5])
+    tome = [s for s in budget if s.method == "tome"]
+    assert [s.keep_rate for s in tome] == [0.7, 0.5] and all(s.r is None for s in tome)
+    assert [dict(s.plan.params)["r"] for s in tome] == [11, 16]  # the constant r nearest each budget (DeiT, 197 tokens)
+    fixed = make_settings(["evit", "tome"], [0.7], [13])
+    assert [(s.method, s.r) for s in fixed] == [("none", None), ("evit", None), ("tome", 13)]

@@ -17,7 +17,9 @@ def add_parser(subparsers) -> None:
     add_model_args(parser)
     parser.add_argument("--methods", default="none,evit", help="comma list: none and registered methods (default none,evit); the dense model is always timed")
     parser.add_argument("--keep-rates", default="0.7,0.5", help="comma list of keep rates for keep-rate methods (default 0.7,0.5)")
-    parser.add_argument("--r", default="13", help="comma list of ToMe r values (tokens merged per block; default 13), one setting each")
+    parser.add_argument("--r", default=None,
+                        help="comma list of r values (tokens merged per block), one setting each, for the methods without a keep rate "
+                             "that have an r parameter (ToMe); default: every method without a keep rate at each keep rate's budget")
     parser.add_argument("--batch-sizes", default="1,32", help="comma list of batch sizes (default 1,32)")
     parser.add_argument("--amp", action="store_true", help="autocast: float16 on cuda, bfloat16 on cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, here the core count)")
@@ -40,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
     # Everything that can fail on user input is checked before the model loads.
     methods = parse_list(args.methods, str, "--methods")
     params = {name: method_params_from_args(args, name, methods) for name in methods if name not in ("none", "dense")}
-    keep_rates, r_values = parse_list(args.keep_rates, float, "--keep-rates"), parse_list(args.r, int, "--r")
+    keep_rates = parse_list(args.keep_rates, float, "--keep-rates")
+    r_values = None if args.r is None else parse_list(args.r, int, "--r")
     make_settings(methods, keep_rates, r_values, method_params=params)
     config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "--batch-sizes")), warmup=args.warmup,
                          repeats=args.repeats, amp=args.amp, threads=args.threads, seed=args.seed, provenance=args.provenance,
