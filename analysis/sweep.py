@@ -184,6 +184,9 @@ class Observation:
         batch: the `Batch` (labels, dataset indices).
         seconds: wall time of the timed forward.
         model / extras: the model and its method weights (for per-image GMACs).
+        dense: the dense model's `Result` on the same batch (block outputs kept), when an
+            accumulator asked for it (`needs_dense`), else None.
+        setting: the `Setting` this forward ran.
     """
 
     result: Result
@@ -191,19 +194,35 @@ class Observation:
     seconds: float
     model: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    dense: Result | None = None
+    setting: Any = None
 
 
 class Accumulator:
     """A per-setting measure summed over batches.
 
     Subclasses are dataclasses of plain numbers and lists (their state) and implement `update`,
-    `merge` and `row`. `needs_block_outputs(indices)` tells the loop whether this batch's forward
-    must keep block outputs. Everything is kept as sums and counts so `merge` is exact.
+    `merge` and `row`. What a batch's forward must provide is asked, never assumed:
+    `needs_block_outputs(indices)` (every block's tokens), `needs_provenance()` (the stages'
+    provenance, `track=True`), `needs_dense()` (the dense model's result for the same batch,
+    computed once per batch and shared by every setting, as `Observation.dense`). `enabled(config)`
+    says whether a sweep uses the accumulator at all (e.g. only with --patterns). Everything is kept
+    as sums and counts so `merge` is exact.
     """
 
     name: ClassVar[str] = ""
 
+    @classmethod
+    def enabled(cls, config: "SweepConfig") -> bool:
+        return True
+
     def needs_block_outputs(self, indices: torch.Tensor) -> bool:
+        return False
+
+    def needs_provenance(self) -> bool:
+        return False
+
+    def needs_dense(self) -> bool:
         return False
 
     def update(self, obs: Observation) -> None:
@@ -497,7 +516,7 @@ class Tally:
 
     @classmethod
     def create(cls, context: SweepContext) -> "Tally":
-        return cls({acc.name: acc.create(context) for acc in ACCUMULATORS})
+        return cls({acc.name: acc.create(context) for acc in ACCUMULATORS if acc.enabled(context.config)})
 
     def merge(self, other: "Tally") -> None:
         for name, acc in self.accumulators.items():
@@ -509,7 +528,7 @@ class Tally:
     @classmethod
     def from_state(cls, state: dict[str, Any], context: SweepContext) -> "Tally":
         tally = cls({acc.name: acc.from_state(state[acc.name], context) if acc.name in state else acc.create(context)
-                     for acc in ACCUMULATORS})
+                     for acc in ACCUMULATORS if acc.enabled(context.config)})
         tally.batches = int(state.get("batches", 0))
         return tally
 
@@ -756,6 +775,9 @@ def run_sweep(
         skipped.extend(batch.skipped)
         if batch.images.numel():
             images = batch.images.to(device)
+            dense = None
+            if any(acc.needs_dense() for s in pending if tallies[s].batches <= batch_index for acc in tallies[s].accumulators.values()):
+                dense = run(model, images, ReductionPlan(), extras=loaded.extras, track=False, keep_block_outputs=True)
             for position, setting in enumerate(pending):
                 tally = tallies[setting]
                 if tally.batches > batch_index:
@@ -764,11 +786,12 @@ def run_sweep(
                     run(model, images[: min(4, len(images))], setting.plan, extras=loaded.extras, track=False)
                     warmed.add(setting)
                 keep_outputs = any(acc.needs_block_outputs(batch.indices) for acc in tally.accumulators.values())
+                track = any(acc.needs_provenance() for acc in tally.accumulators.values())
                 _sync(device)
                 started = time.perf_counter()
-                result = run(model, images, setting.plan, extras=loaded.extras, track=False, keep_block_outputs=keep_outputs)
+                result = run(model, images, setting.plan, extras=loaded.extras, track=track, keep_block_outputs=keep_outputs)
                 _sync(device)
-                observation = Observation(result, batch, time.perf_counter() - started, model, loaded.extras)
+                observation = Observation(result, batch, time.perf_counter() - started, model, loaded.extras, dense, setting)
                 for acc in tally.accumulators.values():
                     acc.update(observation)
                 if progress:  # within a batch too: one setting after another
