@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from analysis.registry import all_methods
+from test_app import comparison_rows_shown
 
 METHODS = all_methods()
 
@@ -99,13 +100,13 @@ def test_main_job_in_chromium(server, browser):
     """The page opens on a sample photo and shows EViT's masked tokens and attention per stage."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(server)
-    wait_for_pictures(page, 1 + 3 + 3 + 1)
+    wait_for_pictures(page, 1 + 3 + 3 + comparison_rows_shown())
     assert page.locator(EXCEPTION).count() == 0
     assert page.locator('[data-testid="stAlertContentError"]').count() == 0
     for layer, tokens in ((4, 140), (7, 100), (10, 72)):
         assert page.get_by_text(f"layer {layer}: masked tokens, {tokens} tokens out").count() == 1
         assert page.get_by_text(f"layer {layer}: class attention").count() == 1
-    assert page.locator(STAGE_IMAGES).count() == 1 + 3 + 3 + 1
+    assert page.locator(STAGE_IMAGES).count() == 1 + 3 + 3 + comparison_rows_shown()
     # pictures below the fold may load lazily: bring each into view and wait until it has decoded
     for image in page.locator(STAGE_IMAGES).all():
         image.scroll_into_view_if_needed()
@@ -124,8 +125,8 @@ def test_every_method_in_chromium(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(server + "/?" + "&".join(f"method={name}" for name in runnable))
     per_method = {name: (12 if METHODS[name].default_layers is None else 3) for name in runnable}
-    # stage picture + attention map for methods scoring by class attention, then crop and comparison row
-    expected = 2 + sum(n * (2 if "cls_attention" in METHODS[name].needs else 1) for name, n in per_method.items())
+    # stage picture + attention map for methods scoring by class attention, then crop and comparison rows
+    expected = 1 + comparison_rows_shown() + sum(n * (2 if "cls_attention" in METHODS[name].needs else 1) for name, n in per_method.items())
     wait_for_pictures(page, expected)
     assert page.locator(STAGE_IMAGES).count() == expected
     tabs = page.get_by_role("tab").all_inner_texts()
