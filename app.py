@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
+from analysis.engine import method_unavailable
 from analysis.errors import ImageLoadError, PlanError, TokenscopeError
 from analysis.inspect import ImageAnalysis as Analysis
 from analysis.methods.base import COMPARISON_ROWS, ParamSpec, keep_rate_counts
@@ -91,8 +92,8 @@ def method_sidebar(loaded: LoadedModel) -> Settings:
     sidebar = st.sidebar
     sidebar.header("Reduction")
     methods = all_methods()
-    available = ["none"] + [name for name, m in methods.items() if m.unavailable_reason(loaded.extras) is None]
-    unavailable = {name: m.unavailable_reason(loaded.extras) for name, m in methods.items() if name not in available}
+    available = ["none"] + [name for name, m in methods.items() if method_unavailable(m, loaded.model, loaded.extras) is None]
+    unavailable = {name: method_unavailable(m, loaded.model, loaded.extras) for name, m in methods.items() if name not in available}
     # ?method=evit&method=bat preselects methods (shareable links; the browser test uses it); else the first listed.
     wanted = [name for name in st.query_params.get_all("method") if name in available] or available[1:2]
     chosen = sidebar.multiselect(
@@ -304,7 +305,7 @@ def comparison_section(key: AnalysisKey, image: Image.Image, crop: Image.Image, 
     target = keep_rate_counts(settings.keep_rate, depth, n0, settings.layers or (4, 7, 10))
     for row_index, (row, heading) in enumerate(COMPARISON_ROWS.items()):
         entries = comparison_entries(row)
-        runnable = [(m, e) for m, e in entries if m.unavailable_reason(loaded.extras) is None]
+        runnable = [(m, e) for m, e in entries if method_unavailable(m, loaded.model, loaded.extras) is None]
         if len(runnable) < 2:
             continue  # one method is no comparison
         st.subheader(heading)
@@ -331,7 +332,7 @@ def comparison_picture(key: AnalysisKey, row: str, layer: int, layers: tuple[int
     target = keep_rate_counts(settings.keep_rate, depth, n0, settings.layers or (4, 7, 10))
     targets = {block: count for block, count in enumerate(target, 1)}
     runs = [(method, entry, analyse_image(key.with_plan(comparison_plan(method, entry, settings, depth, n0, target)), _image))
-            for method, entry in comparison_entries(row) if method.unavailable_reason(loaded.extras) is None]
+            for method, entry in comparison_entries(row) if method_unavailable(method, loaded.model, loaded.extras) is None]
     panels = [Panel("(a) input", crop, f"{loaded.num_patches} patches")]
     counts_line = []
     for index, (method, entry, analysis) in enumerate(runs):

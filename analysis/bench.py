@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .engine import run, run_token_count_twin
+from .engine import method_unavailable, run, run_token_count_twin
 from .errors import BenchError, PlanError
 from .gmacs import plan_gmacs, token_counts
 from .lists import comma_list
@@ -336,7 +336,7 @@ def run_benchmark(
         setting.plan.validate(depth)
         if setting.method != "none":
             method = get_method(setting.method)
-            reason = method.unavailable_reason(loaded.extras)
+            reason = method_unavailable(method, loaded.model, loaded.extras)
             if reason:
                 raise PlanError(f"{method.label} cannot run: {reason}")
     if config.allocator == "steady" and not use_steady_allocator():

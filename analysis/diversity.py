@@ -151,12 +151,14 @@ def diversity_of_blocks(
     block_sizes: list[torch.Tensor] | None = None,
     centre: str = "medoid",
     size_weighted: bool = False,
+    prefix: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(raw, per-token) r(Z) (methods.md §5; BAT, Long et al., CVPR 2023) of every block's output,
     from lists of block tensors rather than an engine `Result`.
 
-    Each block's cls token (index 0) is left out; per-token values divide the raw ones by the number
-    of non-cls tokens, or by their total size when `size_weighted`.
+    Each block's `prefix` tokens (the class token, and distillation or register tokens) are left
+    out; per-token values divide the raw ones by the number of other tokens, or by their total size
+    when `size_weighted`.
 
     Args:
         block_outputs: per block, the [B, N_i, C] tokens leaving it, cls token at index 0 (any
@@ -177,12 +179,12 @@ def diversity_of_blocks(
         raise ValueError("size_weighted needs one sizes tensor per block output")
     columns, totals = [], []
     for index, output in enumerate(block_outputs):
-        sizes = block_sizes[index][:, 1:] if size_weighted else None
-        columns.append(diversity_score(output[:, 1:], centre=centre, per_token=False, sizes=sizes).numpy())
+        sizes = block_sizes[index][:, prefix:] if size_weighted else None
+        columns.append(diversity_score(output[:, prefix:], centre=centre, per_token=False, sizes=sizes).numpy())
         if size_weighted:
             totals.append(sizes.double().sum(1).cpu().numpy())
         else:
-            totals.append(np.full(output.shape[0], output.shape[1] - 1, dtype=np.float64))
+            totals.append(np.full(output.shape[0], output.shape[1] - prefix, dtype=np.float64))
     raw = np.stack(columns, axis=1)
     return raw, raw / np.maximum(np.stack(totals, axis=1), np.finfo(np.float64).tiny)
 
@@ -196,7 +198,7 @@ def diversity_per_block_both(result: Any, centre: str = "medoid", size_weighted:
     """
     if result.block_outputs is None:
         raise ValueError("the result has no block outputs: run the engine with keep_block_outputs=True")
-    return diversity_of_blocks(result.block_outputs, result.block_sizes, centre, size_weighted)
+    return diversity_of_blocks(result.block_outputs, result.block_sizes, centre, size_weighted, result.num_prefix_tokens)
 
 
 def diversity_per_block(result: Any, centre: str = "medoid", per_token: bool = False, size_weighted: bool = False) -> np.ndarray:
@@ -213,5 +215,6 @@ def diversity_per_block(result: Any, centre: str = "medoid", per_token: bool = F
     """
     if result.block_outputs is None:
         raise ValueError("the result has no block outputs: run the engine with keep_block_outputs=True")
-    raw, normalised = diversity_of_blocks(result.block_outputs, result.block_sizes, centre, size_weighted)
+    raw, normalised = diversity_of_blocks(result.block_outputs, result.block_sizes, centre, size_weighted,
+                                          result.num_prefix_tokens)
     return normalised if per_token else raw

@@ -30,6 +30,8 @@ class Result:
         token_counts: tokens (cls included) leaving each block, one int per block: the batch's
             sequence length, i.e. the longest image's count when images keep different counts.
         image_token_counts: [B, depth] long, each image's own count per block (padding excluded).
+        num_prefix_tokens: tokens before the patches in `block_outputs` (class, distillation,
+            registers; 0 without any), which the diversity leaves out.
         stages: one `Stage` per reduction stage that changed the sequence (empty with track=False).
         block_outputs: per block, the [B, N_i, C] tokens leaving it (only with keep_block_outputs).
         block_sizes: per block, the [B, N_i] token sizes, 0 for padding (only with keep_block_outputs).
@@ -43,6 +45,58 @@ class Result:
     block_outputs: list[torch.Tensor] | None = None
     block_sizes: list[torch.Tensor] | None = None
     image_token_counts: torch.Tensor | None = None
+    num_prefix_tokens: int = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the patches sit in a model's token sequence, and the view a method sees.
+
+    timm puts `prefix` tokens before the patches: the class token (if any), DeiT's distillation
+    token, register tokens. A method always sees `[cls, patches...]`: the class token, or, for a
+    model without one (SigLIP, global-pool ViTs), an empty placeholder slot that holds no patch and
+    is dropped again; the other prefix tokens are set aside, never pruned or merged, and put back
+    after the class token. With exactly one prefix token, the class token, the view *is* the
+    sequence (no copy).
+    """
+
+    prefix: int
+    has_cls: bool
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "Layout":
+        return cls(int(getattr(model, "num_prefix_tokens", 1)), getattr(model, "cls_token", None) is not None)
+
+    @property
+    def plain(self) -> bool:
+        return self.has_cls and self.prefix == 1
+
+    @property
+    def kept_aside(self) -> int:
+        """Prefix tokens other than the class token (distillation, registers)."""
+        return self.prefix - (1 if self.has_cls else 0)
+
+    def to_view(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The method's view of a per-token tensor (tokens along `dim`): [cls or placeholder, patches]."""
+        if self.plain:
+            return tensor
+        patches = tensor.narrow(dim, self.prefix, tensor.shape[dim] - self.prefix)
+        head = tensor.narrow(dim, 0, 1) if self.has_cls else torch.zeros_like(tensor.narrow(dim, 0, 1))
+        return torch.cat([head, patches], dim=dim)
+
+    def view_square(self, probs: torch.Tensor) -> torch.Tensor:
+        """The method's view of an attention matrix [B, H, N, N] (rows and columns)."""
+        return probs if self.plain else self.to_view(self.to_view(probs, 2), 3)
+
+    def from_view(self, view: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """The full sequence from a reduced view [B, n_out, ...] and the sequence before `full`
+        (whose set-aside prefix tokens are put back after the class token)."""
+        if self.plain:
+            return view
+        aside = full[:, (1 if self.has_cls else 0):self.prefix]
+        if self.has_cls:
+            return torch.cat([view[:, :1], aside, view[:, 1:]], dim=1)
+        return torch.cat([aside, view[:, 1:]], dim=1)
 
 
 def _heads(attn: torch.nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -94,7 +148,7 @@ def _finish(attn: torch.nn.Module, h: torch.Tensor, out: torch.Tensor) -> torch.
 
 
 def _attention(block: torch.nn.Module, h: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str],
-               transform=None):
+               transform=None, layout: Layout = Layout(1, True)):
     """timm's `Attention.forward` on `h` = norm1(x), plus what a method needs from it
     (`methods.base.NEEDS`). With `transform` (a method's `transform_attention`), the attention is
     computed explicitly and the transformed probabilities are used for the output and the features.
@@ -110,41 +164,49 @@ def _attention(block: torch.nn.Module, h: torch.Tensor, bias: torch.Tensor | Non
     else:
         probs = transform(_probabilities(q, k, attn.scale, bias))
         out = probs.to(v.dtype) @ v
-    features = _block_features(q, k, v, attn.scale, bias, needs, probs) if needs else {}
+    features = _block_features(q, k, v, attn.scale, bias, needs, probs, layout) if needs else {}
     return _finish(attn, h, out), features
 
 
 def _block_features(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, scale: float, bias: torch.Tensor | None,
-                    needs: frozenset[str], probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    needs: frozenset[str], probs: torch.Tensor | None = None, layout: Layout = Layout(1, True)
+                    ) -> dict[str, torch.Tensor]:
     """The attention quantities a method asked for, from q, k, v [B, H, N, d] (float32 scores), or
-    from already computed probabilities `probs` [B, H, N, N]."""
+    from already computed probabilities `probs` [B, H, N, N], in the method's view (`Layout`).
+
+    The class-attention row is the class token's query over all keys, kept for the patch columns
+    (methods.md §1). A model without a class token has none: its substitute is the mean attention
+    each patch receives over all queries (methods.md §1), which needs the full matrix."""
     features: dict[str, torch.Tensor] = {}
+    want_rows = bool(needs & {"cls_attention", "cls_attention_heads"})
+    if probs is None and ("attention" in needs or (want_rows and not layout.has_cls)):
+        # The full post-softmax attention [B, H, N, N]: only for a method that asked for it.
+        probs = _probabilities(q, k, scale, bias)
     rows = None
-    if probs is not None and needs & {"attention", "cls_attention", "cls_attention_heads"}:
-        if "attention" in needs:
-            features["attention"] = probs
-        rows = probs[:, :, :1]
-    elif "attention" in needs:
-        # The full post-softmax attention [B, H, N, N]: only for a method that declared it.
-        features["attention"] = _probabilities(q, k, scale, bias)
-        rows = features["attention"][:, :, :1]
-    elif needs & {"cls_attention", "cls_attention_heads"}:
-        # Only the cls query row: [B, H, 1, N], O(N d) per head (methods.md §1).
-        logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * scale
-        if bias is not None:
-            logits = logits + bias.float()
-        rows = logits.softmax(dim=-1)
+    if want_rows:
+        if not layout.has_cls:
+            rows = probs.mean(dim=2, keepdim=True)  # mean attention received, [B, H, 1, N]
+        elif probs is not None:
+            rows = probs[:, :, :1]
+        else:
+            # Only the cls query row: [B, H, 1, N], O(N d) per head (methods.md §1).
+            logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * scale
+            if bias is not None:
+                logits = logits + bias.float()
+            rows = logits.softmax(dim=-1)
     if "cls_attention" in needs:
-        features["cls_attention"] = rows.mean(dim=1)[:, 0, 1:]
+        features["cls_attention"] = rows.mean(dim=1)[:, 0, layout.prefix:]
     if "cls_attention_heads" in needs:
-        features["cls_attention_heads"] = rows[:, :, 0, 1:]
+        features["cls_attention_heads"] = rows[:, :, 0, layout.prefix:]
+    if "attention" in needs:
+        features["attention"] = layout.view_square(probs)
     for name, tensor in (("keys", k), ("queries", q), ("values", v)):
         if tensor is None:
             continue
         if name in needs:
-            features[name] = tensor.mean(dim=1)
+            features[name] = layout.to_view(tensor.mean(dim=1))
         if f"{name}_heads" in needs:
-            features[f"{name}_heads"] = tensor
+            features[f"{name}_heads"] = layout.to_view(tensor, 2)
     return features
 
 
@@ -161,9 +223,9 @@ def _embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_residual(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str] = frozenset(),
-                        transform=None):
+                        transform=None, layout: Layout = Layout(1, True)):
     """The first half of a timm block, x + attention(norm1(x)); returns (x, features) as `_attention`."""
-    attn_out, features = _attention(block, block.norm1(x), bias, needs, transform)
+    attn_out, features = _attention(block, block.norm1(x), bias, needs, transform, layout)
     return x + block.drop_path1(_layer_scale(block, "ls1")(attn_out)), features
 
 
@@ -220,41 +282,54 @@ def run(
         if reason:
             raise PlanError(f"{method.label} cannot run: {reason}")
     proportional = method is not None and method.proportional_attention(params)
+    layout = Layout.of(model)
+    if method is not None:
+        reason = layout_reason(method, layout)
+        if reason:
+            raise PlanError(f"{method.label} cannot run on this model: {reason}")
 
     x = _embed(model, images)
     batch, n0, _ = x.shape
     device = x.device
-    num_patches = n0 - 1
+    num_patches = n0 - layout.prefix
     sizes = torch.ones(batch, n0, device=device, dtype=torch.float32)
     valid: torch.Tensor | None = None
-    patch_to_token = torch.arange(1, n0, device=device).expand(batch, num_patches).clone() if track else None
+    patch_to_token = torch.arange(1, num_patches + 1, device=device).expand(batch, num_patches).clone() if track else None
     stages: list[Stage] = []
     counts: list[int] = []
     image_counts: list[torch.Tensor] = []
     outputs: list[torch.Tensor] | None = [] if keep_block_outputs else None
     block_sizes: list[torch.Tensor] | None = [] if keep_block_outputs else None
     state: dict[str, Any] = {}
-    embedding = x
+    embedding = layout.to_view(x)
+    reduced = False
 
     def context(stage_index: int, block_index: int, features: dict[str, torch.Tensor]) -> ReduceContext:
         return ReduceContext(
-            x=x, sizes=sizes, keep_rate=plan.keep_rate, stage=stage_index, block_index=block_index, params=params,
-            num_patches=num_patches, depth=depth, layers=layers, extras=extras, valid=valid, state=state,
-            embedding=embedding, **features,
+            x=layout.to_view(x), sizes=layout.to_view(sizes) if layout.has_cls else _placeholder_sizes(layout, sizes),
+            keep_rate=plan.keep_rate, stage=stage_index, block_index=block_index, params=params, num_patches=num_patches,
+            depth=depth, layers=layers, extras=extras, valid=None if valid is None else _view_valid(layout, valid),
+            state=state, embedding=embedding, **features,
         )
 
     def reduce(ctx: ReduceContext, features: dict[str, torch.Tensor]):
-        nonlocal x, sizes, patch_to_token, valid
+        nonlocal x, sizes, patch_to_token, valid, reduced
         assignment = method.assign(ctx)
         if assignment is None:
             return None
-        x, sizes, share, edge_share = apply_assignment(assignment, x, sizes)
+        reduced = True
+        view_x, view_sizes, share, edge_share = apply_assignment(assignment, ctx.x, ctx.sizes)
         before_valid = valid
-        valid = assignment.valid
-        if valid is not None:
+        if assignment.valid is not None:
             # padding: no size, no attention; the slots of each image must be a prefix
-            sizes = sizes.masked_fill(~valid, 0.0)
-            x = x.masked_fill(~valid.unsqueeze(-1), 0.0)
+            view_sizes = view_sizes.masked_fill(~assignment.valid, 0.0)
+            view_x = view_x.masked_fill(~assignment.valid.unsqueeze(-1), 0.0)
+            full_valid = torch.ones(batch, x.shape[1], dtype=torch.bool, device=device)
+            valid = layout.from_view(assignment.valid, full_valid)
+        else:
+            valid = None
+        x = layout.from_view(view_x, x)
+        sizes = layout.from_view(view_sizes, sizes)
         if track:
             stages.append(_stage(ctx.block_index + 1, assignment, patch_to_token, share, edge_share,
                                  features.get("cls_attention"), before_valid))
@@ -277,7 +352,7 @@ def run(
             block_transform = None
             if reducing and transform is not None:
                 block_transform = lambda probs, i=stage_index, b=block_index: method.transform_attention(probs, context(i, b, {}))  # noqa: E731
-            x, features = _attention_residual(block, x, bias, needs if reducing else frozenset(), block_transform)
+            x, features = _attention_residual(block, x, bias, needs if reducing else frozenset(), block_transform, layout)
             if reducing and method.acts == "inside":
                 reduce(context(stage_index, block_index, features), features)
         x = _mlp_residual(block, x)
@@ -288,9 +363,85 @@ def run(
             outputs.append(x)
             block_sizes.append(sizes)
     x = model.norm(x)
-    logits = model.forward_head(x)
+    logits = _head(model, x, sizes, valid, layout) if reduced else model.forward_head(x)
     return Result(logits=logits.float(), token_counts=counts, stages=stages, plan=plan, block_outputs=outputs,
-                  block_sizes=block_sizes, image_token_counts=torch.stack(image_counts, dim=1).cpu())
+                  block_sizes=block_sizes, image_token_counts=torch.stack(image_counts, dim=1).cpu(),
+                  num_prefix_tokens=layout.prefix)
+
+
+def layout_reason(method, layout: Layout) -> str | None:
+    """Why `method` cannot run on a model of this token layout, or None."""
+    if method.acts == "attention" and not layout.plain:
+        return ("it hands the block's own attention on to the block, which tokenscope supports only for models whose one "
+                f"prefix token is the class token (this model has {layout.prefix} prefix tokens"
+                f"{'' if layout.has_cls else ' and no class token'})")
+    return None
+
+
+def method_unavailable(method, model: torch.nn.Module, extras: dict[str, Any] | None = None) -> str | None:
+    """Why `method` cannot run on `model` with these loaded extras (its own `unavailable_reason`, or
+    the model's token layout), or None: what the app shows beside a disabled method."""
+    return method.unavailable_reason(extras or {}) or layout_reason(method, Layout.of(model))
+
+
+def _placeholder_sizes(layout: Layout, sizes: torch.Tensor) -> torch.Tensor:
+    """The view's sizes for a model without a class token: the placeholder counts 1."""
+    view = layout.to_view(sizes)
+    view[:, 0] = 1.0
+    return view
+
+
+def _view_valid(layout: Layout, valid: torch.Tensor) -> torch.Tensor:
+    view = layout.to_view(valid)
+    view[:, 0] = True
+    return view
+
+
+def _head(model: torch.nn.Module, x: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor | None, layout: Layout) -> torch.Tensor:
+    """timm's head (`forward_head`) on a reduced sequence: the class token (and DeiT's distillation
+    head) as timm reads them; average pooling weighted by the patches each token holds, so a merged
+    token counts for all its patches (as ToMe's MAE patch does) and padding for none; max pooling
+    over the present tokens; SigLIP's attention pool (MAP) with log(size) added to its keys
+    (proportional attention: a merged token weighs as the patches it holds). Then fc_norm, head."""
+    pool = getattr(model, "global_pool", "token")
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is None and pool in ("token", ""):
+        return model.forward_head(x)
+    prefix = 0 if getattr(model, "pool_include_prefix", False) else layout.prefix
+    tokens, weights = x[:, prefix:], sizes[:, prefix:].to(x.dtype)
+    present = weights > 0
+    if attn_pool is not None:
+        pooled = _attention_pool(attn_pool, tokens, weights)
+    elif pool == "avg":
+        pooled = (tokens * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True)
+    elif pool in ("max", "avgmax"):
+        peak = tokens.masked_fill(~present.unsqueeze(-1), float("-inf")).amax(dim=1)
+        pooled = peak if pool == "max" else 0.5 * (peak + (tokens * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True))
+    else:
+        raise PlanError(f"global pool {pool!r} of this model is not supported on reduced tokens")
+    return model.head(model.head_drop(model.fc_norm(pooled)))
+
+
+def _attention_pool(attn_pool: torch.nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """timm's `AttentionPoolLatent.forward` with log(weight) added to the keys (0 weight: masked)."""
+    batch, n, channels = x.shape
+    if attn_pool.pos_embed is not None:
+        x = x + attn_pool.pos_embed.unsqueeze(0).to(x.dtype)
+    q_latent = attn_pool.latent.expand(batch, -1, -1)
+    q = attn_pool.q(q_latent).reshape(batch, attn_pool.latent_len, attn_pool.num_heads, attn_pool.head_dim).transpose(1, 2)
+    kv = attn_pool.kv(x).reshape(batch, n, 2, attn_pool.num_heads, attn_pool.head_dim).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)
+    q, k = attn_pool.q_norm(q), attn_pool.k_norm(k)
+    bias = weights.log()[:, None, None, :].to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = attn_pool.proj_drop(attn_pool.proj(out.transpose(1, 2).reshape(batch, attn_pool.latent_len, channels)))
+    if attn_pool.mlp is not None:
+        out = out + attn_pool.mlp(attn_pool.norm(out))
+    if attn_pool.pool == "token":
+        return out[:, 0]
+    if attn_pool.pool == "avg":
+        return out.mean(1)
+    return out
 
 
 def _attention_stage(block, x, bias, needs, stage_index, block_index, context, reduce, new_bias, current):

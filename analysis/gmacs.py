@@ -113,15 +113,33 @@ def method_macs(method_name: str, shape: StageShape) -> tuple[float, float, floa
     return values[0], values[1], values[2]
 
 
-def needs_macs(needs: frozenset[str], n_tokens: int, width: int) -> float:
+def needs_macs(needs: frozenset[str], n_tokens: int, width: int, has_class_token: bool = True) -> float:
     """MACs of what the engine computes for a method's `needs` at one block (methods.md §8), per
-    image: the full attention matrix Q K^T (N^2 C) when asked for, else the class-attention row
-    (N C) when that is asked for; head averages of keys, queries and values are additions (free)."""
-    if "attention" in needs:
+    image: the full attention matrix Q K^T (N^2 C) when asked for, or when a model without a class
+    token needs the class-attention substitute (the mean attention received, methods.md §1); else
+    the class-attention row (N C) when that is asked for; head averages of keys, queries and values
+    are additions (free)."""
+    rows = bool(needs & {"cls_attention", "cls_attention_heads"})
+    if "attention" in needs or (rows and not has_class_token):
         return float(n_tokens * n_tokens * width)
-    if needs & {"cls_attention", "cls_attention_heads"}:
+    if rows:
         return float(n_tokens * width)
     return 0.0
+
+
+def head_macs(model: torch.nn.Module, n_tokens: int) -> float:
+    """MACs of the classifier head on `n_tokens` tokens leaving the last block (prefix included):
+    the linear head (and DeiT's distillation head), and SigLIP's attention pool (MAP: the latent's
+    query, keys and values of the pooled tokens, its two attention products, projection and MLP)."""
+    macs = _linear_macs(getattr(model, "head", None)) + _linear_macs(getattr(model, "head_dist", None))
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        n = n_tokens if getattr(model, "pool_include_prefix", False) else n_tokens - int(getattr(model, "num_prefix_tokens", 0))
+        latent, width = int(pool.latent_len), int(pool.num_heads * pool.head_dim)
+        macs += latent * _linear_macs(pool.q) + n * _linear_macs(pool.kv) + 2.0 * latent * n * width + latent * _linear_macs(pool.proj)
+        if pool.mlp is not None:
+            macs += latent * sum(_linear_macs(m) for m in pool.mlp.modules() if isinstance(m, torch.nn.Linear))
+    return float(macs)
 
 
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -156,7 +174,7 @@ def _dummy_image(model: torch.nn.Module) -> torch.Tensor:
 def token_counts(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any] | None = None) -> list[int]:
     """Tokens (cls included) leaving each block under `plan`, from one dummy forward (none for the dense model)."""
     if plan.is_dense:
-        return [model.patch_embed.num_patches + 1] * len(model.blocks)
+        return [model.patch_embed.num_patches + int(getattr(model, "num_prefix_tokens", 1))] * len(model.blocks)
     return run(model, _dummy_image(model), plan, extras=extras, track=False).token_counts
 
 
@@ -169,7 +187,7 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
     """Per-image MACs of `plan` on `model`, block by block (methods.md §8).
 
     Args:
-        model: a timm ViT with one class token (any weights, random included).
+        model: a timm ViT (any prefix tokens, any weights, random included).
         plan: the reduction plan (validated against the model).
         extras: method weights, as for `engine.run` (dTPS / DynamicViT need their predictor).
         counts: tokens leaving each block, if already known (e.g. `Result.token_counts`);
@@ -183,11 +201,12 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
     plan.validate(depth)
     counts = list(counts) if counts is not None else token_counts(model, plan, extras)
     embed = model.patch_embed
-    n0 = embed.num_patches + 1
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    has_class_token = getattr(model, "cls_token", None) is not None
+    n0 = embed.num_patches + prefix
     kernel = embed.proj.weight
     patch_embed = float(embed.num_patches * kernel.numel())
-    head = _linear_macs(getattr(model, "head", None))
-    breakdown = MACsBreakdown(plan=plan, patch_embed=patch_embed, head=head)
+    breakdown = MACsBreakdown(plan=plan, patch_embed=patch_embed, head=head_macs(model, counts[-1]))
     method = plan.spec()
     layers = plan.reducing_layers(depth)
     params = plan.param_dict()
@@ -207,13 +226,13 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
         entry.mlp = after * sum(_linear_macs(m) for m in block.mlp.modules() if isinstance(m, torch.nn.Linear))
         if reducing:
             shape = StageShape(
-                n_in=previous - 1, n_out=after - 1, channels=int(model.embed_dim), heads=int(attn.num_heads),
+                n_in=previous - prefix, n_out=after - prefix, channels=int(model.embed_dim), heads=int(attn.num_heads),
                 keep_rate=plan.keep_rate, params=params, acted=after != previous, stage=layers.index(layer), layer=layer,
             )
             entry.method_matmul, entry.method_elementwise, entry.method_distances = method_macs(plan.method, shape)
             if method.acts == "inside":
                 # what the engine computes for the method's needs (e.g. q_cls k^T: (n + 1) d per head)
-                entry.method_matmul += needs_macs(frozenset(method.needs), n_attention, width)
+                entry.method_matmul += needs_macs(frozenset(method.needs), n_attention, width, has_class_token)
         breakdown.blocks.append(entry)
         previous = after
     return breakdown

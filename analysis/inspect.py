@@ -51,6 +51,7 @@ class ImageAnalysis:
             "reduction_pct"}, GMACs per image.
         block_outputs: per block, the [N_i, C] float32 tokens leaving it, cls token at index 0.
         block_sizes: per block, the [N_i] patches held by each token (cls included).
+        num_prefix_tokens: the tokens before the patches in the block outputs (left out of r(Z)).
     """
 
     plan: ReductionPlan
@@ -61,6 +62,7 @@ class ImageAnalysis:
     block_outputs: list[np.ndarray]
     block_sizes: list[np.ndarray]
     dense_top5: list[dict[str, Any]] | None = None
+    num_prefix_tokens: int = 1
 
     def diversity(self, centre: str = "medoid", size_weighted: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(raw, per-token) r(Z) of each block's output (methods.md §5), each [depth] float64, by
@@ -75,7 +77,7 @@ class ImageAnalysis:
         """
         outputs = [torch.from_numpy(output).unsqueeze(0) for output in self.block_outputs]
         sizes = [torch.from_numpy(size).unsqueeze(0) for size in self.block_sizes]
-        raw, per_token = diversity_of_blocks(outputs, sizes, centre, bool(size_weighted))
+        raw, per_token = diversity_of_blocks(outputs, sizes, centre, bool(size_weighted), self.num_prefix_tokens)
         return raw[0], per_token[0]
 
     def to_json(self, file: str, loaded: LoadedModel, crop_pct: float) -> dict[str, Any]:
@@ -115,6 +117,7 @@ def analyse_result(result: Result, index: int, gmacs: dict[str, float], dense_to
         block_outputs=[output[index, :count].detach().float().cpu().numpy() for output, count in zip(result.block_outputs, counts)],
         block_sizes=[sizes[index, :count].detach().cpu().numpy() for sizes, count in zip(result.block_sizes, counts)],
         dense_top5=dense_top5,
+        num_prefix_tokens=result.num_prefix_tokens,
     )
 
 

@@ -22,15 +22,23 @@ import timm.data
 
 from .errors import ImageLoadError, ModelError, TokenscopeError, WeightsError  # noqa: F401  (re-exported)
 
-# Offered in the app and accepted by the CLI (any timm ViT with a class token also works in the CLI).
-MODEL_CHOICES: tuple[str, ...] = (
-    "deit_small_patch16_224",
-    "deit_tiny_patch16_224",
-    "deit_base_patch16_224",
-    "vit_small_patch16_224.augreg_in21k_ft_in1k",
-    "vit_base_patch16_224.augreg_in21k_ft_in1k",
-    "deit3_small_patch16_224.fb_in1k",
-)
+# The model families tokenscope supports, as the app groups them (any timm name of a supported
+# architecture is accepted too; `check_architecture` decides).
+MODEL_FAMILIES: dict[str, tuple[str, ...]] = {
+    "DeiT": ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "deit_base_patch16_384"),
+    "DeiT distilled": ("deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224", "deit_base_distilled_patch16_224"),
+    "DeiT-III (LayerScale)": ("deit3_small_patch16_224.fb_in1k", "deit3_base_patch16_224.fb_in1k", "deit3_small_patch16_384.fb_in1k"),
+    "AugReg ViT": ("vit_small_patch16_224.augreg_in21k_ft_in1k", "vit_base_patch16_224.augreg_in21k_ft_in1k",
+                   "vit_small_patch16_384.augreg_in21k_ft_in1k", "vit_base_patch16_384.augreg_in21k_ft_in1k",
+                   "vit_large_patch16_224.augreg_in21k_ft_in1k", "vit_large_patch16_384.augreg_in21k_ft_in1k"),
+    "MAE (global pool)": ("vit_base_patch16_224.mae", "vit_large_patch16_224.mae"),
+    "CLIP": ("vit_base_patch16_clip_224.openai_ft_in1k", "vit_base_patch16_clip_224.laion2b_ft_in1k",
+             "vit_base_patch16_clip_quickgelu_224.openai"),
+    "DINOv2": ("vit_small_patch14_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m", "vit_base_patch14_dinov2.lvd142m"),
+    "SigLIP (attention-pool head)": ("vit_base_patch16_siglip_224.webli",),
+    "Global-average-pool ViT": ("vit_base_patch16_gap_224", "vit_wee_patch16_reg1_gap_256.sbb_in1k"),
+}
+MODEL_CHOICES: tuple[str, ...] = tuple(name for names in MODEL_FAMILIES.values() for name in names)
 DEFAULT_MODEL = "deit_small_patch16_224"
 PAPER_CROP_PCT = 0.875  # DeiT / EViT / ToMe evaluate with Resize(256) -> CenterCrop(224)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -69,8 +77,14 @@ class LoadedModel:
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        """Patch grid (rows, cols) of the model's input, e.g. (14, 14) for DeiT at 224 px."""
+        """Patch grid (rows, cols) of the model's input, e.g. (14, 14) for DeiT at 224 px, (37, 37)
+        for DINOv2 at 518 px (patch 14)."""
         return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: class token, distillation token, registers (0 for SigLIP)."""
+        return int(getattr(self.model, "num_prefix_tokens", 1))
 
     @property
     def num_patches(self) -> int:
@@ -124,16 +138,43 @@ def first_cached_model(choices: tuple[str, ...] = MODEL_CHOICES) -> str | None:
     return next((name for name in choices if weights_cached(name)), None)
 
 
-def _check_architecture(model: torch.nn.Module, name: str) -> None:
-    blocks = getattr(model, "blocks", None)
-    if getattr(model, "cls_token", None) is None or blocks is None or not hasattr(model, "patch_embed"):
-        raise ModelError(f"{name} is not a ViT with a class token; tokenscope needs one (e.g. deit_small_patch16_224)")
-    for block in blocks:
-        for part in ("norm1", "attn", "norm2", "mlp"):
-            if not hasattr(block, part):
-                raise ModelError(f"{name}: block type {type(block).__name__} is not a standard ViT block")
-    if getattr(model, "num_prefix_tokens", 1) != 1:
-        raise ModelError(f"{name} has register or distillation tokens; tokenscope supports exactly one class token")
+# Architectures refused, with the reason (class name -> why); anything else that is not a timm
+# VisionTransformer of plain blocks is refused with its class named.
+UNSUPPORTED: dict[str, str] = {
+    "SwinTransformer": "windowed attention (tokens attend within shifted windows, so there is no global sequence to prune or merge)",
+    "SwinTransformerV2": "windowed attention (tokens attend within shifted windows, so there is no global sequence to prune or merge)",
+    "SwinTransformerV2Cr": "windowed attention (tokens attend within shifted windows, so there is no global sequence to prune or merge)",
+    "Eva": "rotary position embeddings (RoPE, EVA / EVA-02): the rotation depends on each token's grid position, which merging loses",
+    "Beit": "BEiT's relative position bias: a bias per pair of grid positions, undefined between merged tokens",
+    "VisionTransformerRelPos": "a relative position bias: a bias per pair of grid positions, undefined between merged tokens",
+}
+SUPPORTED_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
+
+
+def check_architecture(model: torch.nn.Module, name: str) -> None:
+    """Accept timm VisionTransformers (and DeiT's distilled variant) built of plain pre-norm blocks
+    (`Block`: norm1 -> Attention -> LayerScale -> residual, norm2 -> Mlp -> LayerScale -> residual)
+    with absolute position embeddings; any number of prefix tokens (class, distillation, registers)
+    or none; token, average, max or attention-pool (MAP) heads.
+
+    Raises ModelError with one line that names the reason for anything else (windowed attention,
+    rotary or relative position encodings, parallel or post-norm blocks, another model type).
+    """
+    kind = type(model).__name__
+    if kind in UNSUPPORTED:
+        raise ModelError(f"{name} ({kind}) is not supported: {UNSUPPORTED[kind]}")
+    if kind not in SUPPORTED_CLASSES or not hasattr(model, "patch_embed") or getattr(model, "blocks", None) is None:
+        raise ModelError(f"{name} ({kind}) is not a timm VisionTransformer: tokenscope supports ViT, DeiT, DeiT-III, CLIP, "
+                         "DINOv2, MAE, SigLIP and global-pool ViTs (e.g. deit_small_patch16_224)")
+    for block in model.blocks:
+        if type(block).__name__ != "Block":
+            raise ModelError(f"{name}: its blocks are {type(block).__name__}, not timm's plain pre-norm Block "
+                             "(parallel or post-norm blocks are not supported)")
+        if type(block.attn).__name__ != "Attention" or not hasattr(block.attn, "qkv"):
+            raise ModelError(f"{name}: its attention is {type(block.attn).__name__}, not timm's Attention "
+                             "(rotary or relative position attention is not supported)")
+    if getattr(model, "pos_embed", None) is None:
+        raise ModelError(f"{name} has no absolute position embedding (its positions are encoded inside attention); not supported")
 
 
 def _create(name: str, pretrained: bool) -> torch.nn.Module:
@@ -141,7 +182,7 @@ def _create(name: str, pretrained: bool) -> torch.nn.Module:
         return timm.create_model(name, pretrained=pretrained)
     except RuntimeError as err:
         if "Unknown model" in str(err) or "Invalid pretrained tag" in str(err):
-            raise ModelError(f"unknown timm model {name!r}: pick one of {', '.join(MODEL_CHOICES)}") from None
+            raise ModelError(f"unknown timm model {name!r}: give a timm model name, e.g. one of {', '.join(MODEL_CHOICES[:4])}") from None
         raise
 
 
@@ -285,14 +326,14 @@ def load_model(name: str = DEFAULT_MODEL, weights: str = "pretrained", device: s
             if "Unknown model" in str(err):
                 raise ModelError(f"unknown timm model {name!r}") from None
             raise _download_failure(name) from None
-        _check_architecture(model, name)
+        check_architecture(model, name)
     elif weights == "random":
         torch.manual_seed(0)
         model = _create(name, pretrained=False)
-        _check_architecture(model, name)
+        check_architecture(model, name)
     else:
         model = _create(name, pretrained=False)
-        _check_architecture(model, name)
+        check_architecture(model, name)
         extras = _load_state(model, read_checkpoint(weights), name, weights)
     model.eval().requires_grad_(False).to(device)
     return LoadedModel(model=model, name=name, weights=weights, is_random=weights == "random", device=device, extras=extras,

@@ -35,7 +35,7 @@ import torch
 
 from .datasets import Batch, LabelledFiles, make_loader, resolve_dataset
 from .diversity import diversity_of_blocks
-from .engine import Result, run
+from .engine import Result, method_unavailable, run
 from .errors import SweepError
 from .gmacs import plan_gmacs
 from .models import LoadedModel, data_config, load_model, make_transform
@@ -144,7 +144,7 @@ def build_settings(methods: tuple[str, ...], keep_rates: tuple[float, ...], load
             settings.append(Setting(DENSE, 1.0, ReductionPlan()))
             continue
         method = get_method(name)
-        reason = method.unavailable_reason(loaded.extras)
+        reason = method_unavailable(method, loaded.model, loaded.extras)
         if reason:
             raise SweepError(f"{method.label} cannot run in this sweep: {reason}")
         user = dict((method_params or {}).get(name, {}))
@@ -478,8 +478,19 @@ class DiversityAccumulator(Accumulator):
         chosen = self._mask(obs.batch.indices).to(obs.result.logits.device)
         if not chosen.any():
             return
-        raw, per_token = diversity_of_blocks([o[chosen] for o in obs.result.block_outputs],
-                                             [z[chosen] for z in obs.result.block_sizes], self.centre, self.size_weighted)
+        result, prefix = obs.result, obs.result.num_prefix_tokens
+        counts = result.image_token_counts
+        if counts is not None and bool((counts != counts[:1]).any()):
+            # images keep their own counts (padding): each chosen image on its own tokens
+            for index in torch.nonzero(chosen.cpu()).flatten().tolist():
+                own = counts[index].tolist()
+                raw, per_token = diversity_of_blocks([o[index:index + 1, :n] for o, n in zip(result.block_outputs, own)],
+                                                     [z[index:index + 1, :n] for z, n in zip(result.block_sizes, own)],
+                                                     self.centre, self.size_weighted, prefix)
+                self._add(raw.sum(0), per_token.sum(0), 1)
+            return
+        raw, per_token = diversity_of_blocks([o[chosen] for o in result.block_outputs], [z[chosen] for z in result.block_sizes],
+                                             self.centre, self.size_weighted, prefix)
         self._add(raw.sum(0), per_token.sum(0), raw.shape[0])
 
     def _add(self, raw: np.ndarray, per_token: np.ndarray, count: int) -> None:

@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.figures import model_rows, pick_keep_rate, write_figures, zip_bytes
+from analysis.engine import method_unavailable
 from analysis.registry import all_methods
 from analysis.errors import TokenscopeError
 from analysis.models import PAPER_CROP_PCT
@@ -60,7 +61,7 @@ def run_source() -> dict | None:
     if loaded is None:
         return None
     st.caption(weights_badge(loaded))
-    runnable = [name for name, method in all_methods().items() if method.unavailable_reason(loaded.extras) is None]
+    runnable = [name for name, method in all_methods().items() if method_unavailable(method, loaded.model, loaded.extras) is None]
     left, middle, right = st.columns(3)
     data = left.text_input("Image folder (WordNet-id folders, index folders, or flat + ground-truth file)",
                            value=str(SAMPLE) if SAMPLE.is_dir() else "", key="curves_data")

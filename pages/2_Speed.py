@@ -12,6 +12,7 @@ import streamlit as st
 import torch
 
 from analysis.bench import CSV_COLUMNS, BenchConfig, contention_note, dtype_label, make_settings, run_benchmark
+from analysis.engine import method_unavailable
 from analysis.registry import all_methods
 from analysis.errors import TokenscopeError
 from ui.shared import default_methods, model_sidebar, weights_badge
@@ -84,7 +85,7 @@ def main() -> None:
         return
     st.caption(weights_badge(loaded))
 
-    runnable = [name for name, method in all_methods().items() if method.unavailable_reason(loaded.extras) is None]
+    runnable = [name for name, method in all_methods().items() if method_unavailable(method, loaded.model, loaded.extras) is None]
     unavailable = [name for name in all_methods() if name not in runnable]
     left, middle, right = st.columns(3)
     methods = left.multiselect("Methods (the dense model is always timed)", runnable,

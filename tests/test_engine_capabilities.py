@@ -46,7 +46,8 @@ class AboveMean(Method):
         mean = (attention * present).sum(1, keepdim=True) / present.sum(1, keepdim=True)
         keep = present & (attention > mean)
         count = keep.sum(1)
-        order = torch.sort(torch.where(keep, attention, -1.0), dim=1, descending=True, stable=True).indices
+        # kept tokens in position order (an order by attention would flip at float near-ties between batch sizes)
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
         width = int(count.max())
         kept = order[:, :width] + 1
         valid = torch.arange(width + 1).unsqueeze(0) <= count.unsqueeze(1)  # cls + each image's own count

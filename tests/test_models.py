@@ -159,7 +159,7 @@ def test_random_weights_are_labelled():
 def test_unknown_or_unsupported_models():
     with pytest.raises(ModelError, match="unknown timm model"):
         load_model("no_such_model_xyz", "random", "cpu")
-    with pytest.raises(ModelError, match="class token"):
+    with pytest.raises(ModelError, match="not a timm VisionTransformer"):
         load_model("resnet18", "random", "cpu")
 
 

@@ -23,6 +23,7 @@ from analysis.registry import all_methods
 from analysis.models import (
     DEFAULT_MODEL,
     MODEL_CHOICES,
+    MODEL_FAMILIES,
     LoadedModel,
     crop_only_transform,
     first_cached_model,
@@ -88,7 +89,14 @@ def model_sidebar(key: str = "model") -> ModelChoice:
     # The index is only a default: once the widget's state exists (or the fallback set it), passing
     # it as well makes Streamlit warn.
     index = {} if f"{key}_name" in st.session_state else {"index": MODEL_CHOICES.index(default_name)}
-    name = sidebar.selectbox("Model", MODEL_CHOICES, key=f"{key}_name", help="timm ViT with a class token", **index)
+    name = sidebar.selectbox("Model", (*MODEL_CHOICES, OTHER_MODEL), key=f"{key}_name", format_func=model_label, **index,
+                             help="timm ViTs by family; ✓ marks pretrained weights already in the local cache. Any other timm "
+                                  "ViT name can be typed in (the last entry); unsupported architectures say why.")
+    if name == OTHER_MODEL:
+        name = sidebar.text_input("timm model name", key=f"{key}_other", placeholder="e.g. vit_base_patch16_384.augreg_in21k_ft_in1k").strip()
+        if not name:
+            st.info("Type a timm model name in the sidebar (e.g. vit_base_patch16_384.augreg_in21k_ft_in1k).")
+            return ModelChoice(None, None)
     source = sidebar.radio("Weights", WEIGHT_SOURCES, key=f"{key}_weights", horizontal=True,
                            help="pretrained: timm's Hugging Face download and cache; checkpoint file: upload a .pth/.pt/.safetensors "
                                 "(up to the server's upload limit, .streamlit/config.toml); checkpoint path: a file on the server; "
@@ -132,6 +140,17 @@ def model_sidebar(key: str = "model") -> ModelChoice:
     else:
         note = None
     return ModelChoice(loaded, note)
+
+
+OTHER_MODEL = "other…"
+_FAMILY_OF = {name: family for family, names in MODEL_FAMILIES.items() for name in names}
+
+
+def model_label(name: str) -> str:
+    """How the model list shows a name: its family, the name, and ✓ when its weights are cached."""
+    if name == OTHER_MODEL:
+        return "another timm model (type its name)…"
+    return f"{_FAMILY_OF.get(name, 'other')} · {name}{' ✓' if _cached_ok(name) else ''}"
 
 
 def default_methods(runnable: list[str]) -> list[str]:
