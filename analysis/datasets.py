@@ -7,6 +7,11 @@
    layout; the index 0-based in timm's order, or a WordNet id in its place). The file is given
    explicitly or found in the folder (a `.txt`/`.csv` file whose lines all parse that way).
 3. Folders named by class index (`val/0/`, `val/1/`, ...).
+4. Tar shards in the WebDataset layout, read in place (50,000 files need not be unpacked): a
+   `.tar` file, a folder of `.tar` files, or a brace pattern (`val-{000000..000049}.tar`). A sample
+   is the members sharing a key (the member name up to its first dot, WebDataset's rule): one image
+   (`.jpg`, `.png`, ...) and its class index in a `.cls` member; without `.cls`, the image's folder
+   inside the tar names the class (a WordNet id or an index, as layouts 1 and 3).
 
 Unreadable images are skipped and counted, never dropped silently: the loader returns a flag per
 image and `collate_skipping` filters them out of the batch, reporting their paths. A folder whose
@@ -14,7 +19,9 @@ labels cannot be resolved raises `DatasetError`, naming why.
 """
 from __future__ import annotations
 
+import itertools
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,20 +38,42 @@ NUM_CLASSES = 1000
 
 
 @dataclass(frozen=True)
+class ShardMember:
+    """One image inside a tar shard, read in place by its byte range.
+
+    Attributes:
+        shard: the tar file; name: the member's name; offset / size: its data's byte range.
+    """
+
+    shard: Path
+    name: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.shard, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(self.size)
+
+    def __str__(self) -> str:
+        return f"{self.shard}:{self.name}"
+
+
+@dataclass(frozen=True)
 class LabelledFiles:
     """The images of a dataset folder with their ImageNet class indices.
 
     Attributes:
         root: the folder.
-        layout: "wnid-folders", "ground-truth-file" or "index-folders".
-        files: image paths, sorted.
+        layout: "wnid-folders", "ground-truth-file", "index-folders" or "tar-shards".
+        files: image paths, sorted (`ShardMember`s for tar shards, in shard and member order).
         labels: class index (0..999, timm's order) of each file.
         ground_truth: the ground-truth file used by the flat layout, else None.
     """
 
     root: Path
     layout: str
-    files: tuple[Path, ...]
+    files: tuple[Path | ShardMember, ...]
     labels: tuple[int, ...]
     ground_truth: Path | None = None
 
@@ -113,11 +142,86 @@ def _find_ground_truth(root: Path, wnid_index: dict[str, int]) -> Path | None:
     return None
 
 
+BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_shards(pattern: str) -> list[Path]:
+    """The tar files a WebDataset brace pattern names, in order: `val-{000..002}.tar` ->
+    val-000.tar, val-001.tar, val-002.tar (the numbers keep the pattern's zero padding; several
+    brace groups expand as a product)."""
+    groups = list(BRACES.finditer(pattern))
+    if not groups:
+        return [Path(pattern).expanduser()]
+    ranges = []
+    for group in groups:
+        first, last = group.group(1), group.group(2)
+        if int(last) < int(first):
+            raise DatasetError(f"shard pattern {pattern}: the range {{{first}..{last}}} runs backwards")
+        ranges.append([str(n).zfill(len(first)) for n in range(int(first), int(last) + 1)])
+    parts = BRACES.split(pattern)[::3]  # the text around the brace groups
+    return [Path("".join(itertools.chain.from_iterable(zip(parts, numbers + ("",))))).expanduser()
+            for numbers in itertools.product(*ranges)]
+
+
+def _is_shard_source(text: str) -> bool:
+    path = Path(text).expanduser()
+    if BRACES.search(text) or path.suffix == ".tar":
+        return True
+    return path.is_dir() and any(path.glob("*.tar")) and not any(p.is_dir() for p in path.iterdir() if not p.name.startswith("."))
+
+
+def _resolve_shards(source: str, wnid_index: dict[str, int]) -> LabelledFiles:
+    """The images of tar shards with their labels (layout 4 above)."""
+    path = Path(source).expanduser()
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else expand_shards(source)
+    missing = [shard for shard in shards if not shard.is_file()]
+    if missing:
+        raise DatasetError(f"tar shard {missing[0]} does not exist ({len(missing)} of {len(shards)} shards missing)")
+    files: list[ShardMember] = []
+    labels: list[int] = []
+    for shard in shards:
+        try:
+            with tarfile.open(shard, "r:") as archive:
+                members = [m for m in archive.getmembers() if m.isfile()]
+                samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+                for member in members:
+                    folder, _, base = member.name.rpartition("/")
+                    stem, dot, extension = base.partition(".")
+                    if stem and dot:
+                        samples.setdefault(f"{folder}/{stem}", {})[extension.lower()] = member
+                for key, parts in samples.items():
+                    image = next((parts[ext] for ext in parts if "." + ext.rsplit(".", 1)[-1] in IMAGE_SUFFIXES), None)
+                    if image is None:
+                        continue
+                    if "cls" in parts:
+                        handle = archive.extractfile(parts["cls"])
+                        text = handle.read().decode("utf-8", "replace").strip() if handle else ""
+                        if not text.isdigit() or int(text) >= NUM_CLASSES:
+                            raise DatasetError(f"{shard}: {parts['cls'].name} holds {text[:20]!r}, not a class index 0..999")
+                        label = int(text)
+                    else:
+                        folder = key.rpartition("/")[0].rpartition("/")[2]
+                        if folder in wnid_index:
+                            label = wnid_index[folder]
+                        elif folder.isdigit() and int(folder) < NUM_CLASSES:
+                            label = int(folder)
+                        else:
+                            raise DatasetError(f"{shard}: sample {key} has no .cls member and its folder {folder!r} names no class: "
+                                               "add '<key>.cls' members holding the class index (WebDataset layout)")
+                    files.append(ShardMember(shard, image.name, image.offset_data, image.size))
+                    labels.append(label)
+        except tarfile.TarError as err:
+            raise DatasetError(f"{shard} is not a readable tar file: {err}") from None
+    if not files:
+        raise DatasetError(f"the tar shards {source} hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    return LabelledFiles(path, "tar-shards", tuple(files), tuple(labels))
+
+
 def resolve_dataset(root: str | Path, ground_truth: str | Path | None = None) -> LabelledFiles:
-    """Find the images of `root` and their ImageNet class indices, whichever of the three layouts it uses.
+    """Find the images of `root` and their ImageNet class indices, whichever of the four layouts it uses.
 
     Args:
-        root: the dataset folder.
+        root: the dataset folder, or tar shards (a .tar file, a folder of them, or a brace pattern).
         ground_truth: a `filename index` file for the flat layout (optional: found in `root` otherwise).
     Returns:
         `LabelledFiles` (sorted paths and labels).
@@ -125,6 +229,8 @@ def resolve_dataset(root: str | Path, ground_truth: str | Path | None = None) ->
         DatasetError: missing folder, no images, mixed or unknown folder names (not ImageNet WordNet
             ids nor indices 0..999), or images the ground-truth file does not list.
     """
+    if _is_shard_source(str(root)):
+        return _resolve_shards(str(root), {wnid: index for index, wnid in enumerate(imagenet_wnids())})
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetError(f"data folder {root} does not exist")
@@ -198,7 +304,9 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = self.transform(load_image(self.files.files[index]))
+            entry = self.files.files[index]
+            picture = load_image(entry.read(), name=str(entry)) if isinstance(entry, ShardMember) else load_image(entry)
+            image = self.transform(picture)
             return image, self.files.labels[index], index, None
         except ImageLoadError as err:
             return None, self.files.labels[index], index, str(err)

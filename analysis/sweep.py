@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .datasets import Batch, LabelledFiles, make_loader, resolve_dataset
+from .distributed import World
 from .diversity import diversity_of_blocks
 from .engine import Result, method_unavailable, run
 from .errors import SweepError
@@ -713,6 +714,7 @@ def run_sweep(
     loaded: LoadedModel | None = None,
     progress: Callable[[float, str], None] | None = None,
     show_bar: bool = True,
+    world: World | None = None,
 ) -> SweepOutcome:
     """Run (or resume) a sweep and write results.json / results.csv into `config.out`.
 
@@ -721,8 +723,13 @@ def run_sweep(
         loaded: an already loaded model (the app's cached one); else `load_model` from the config.
         progress: optional callback (fraction done in [0, 1], message), e.g. for st.progress.
         show_bar: draw a tqdm bar on stderr.
+        world: this process's place in a distributed sweep (`World.from_env`, launched by
+            torchrun); None: one process. Each process evaluates the batches it `owns` (round robin,
+            so every batch holds the same images as in one process), keeps its own resume file
+            (`partial.rank<r>of<n>.json`), and rank 0 gathers every process's accumulator states,
+            merges them with the accumulators' exact `merge` and writes the results.
     Returns:
-        a `SweepOutcome`.
+        a `SweepOutcome` (on every rank).
     Raises:
         SweepError / DatasetError / PlanError / WeightsError with one-line reasons, before any model
         work where possible.
@@ -739,27 +746,35 @@ def run_sweep(
     dconfig = data_config(model, config.crop_pct)
     settings = build_settings(tuple(config.methods), tuple(config.keep_rates), loaded, config.budget_schedule, config.method_params)
 
+    world = world or World()
     out = Path(config.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     root = files.root.resolve()
-    run_config = _run_config(config, loaded, files, dconfig)
+    run_config = {**_run_config(config, loaded, files, dconfig), "processes": world.size, "backend": world.backend}
     previous: list[dict[str, Any]] = []
-    if (out / "results.json").exists():
+    if world.is_main and (out / "results.json").exists():
         previous = load_results(out)["rows"]
+    previous = world.broadcast(previous)  # rank 0's folder decides what is done (it writes the results)
     done = {row.get("key") for row in previous}
     keys = {setting: setting_key(config, setting, root) for setting in settings}
     pending = [s for s in settings if keys[s] not in done]
     if not pending:
-        write_results(out, run_config, previous)
+        if world.is_main:
+            write_results(out, run_config, previous)
         if progress:
             progress(1.0, "every setting was already done")
         return SweepOutcome(previous, run_config, 0, len(settings), out)
 
-    # Resume a pass that was interrupted: the accumulators of the batches already counted.
+    # This process's batches: global batch b holds files [b * batch_size, (b + 1) * batch_size).
+    n_batches = max(1, math.ceil(len(files) / config.batch_size))
+    owned = [b for b in range(n_batches) if world.owns(b)]
+
+    # Resume a pass that was interrupted: the accumulators of the batches already counted (counted
+    # in this process's own batches; every process keeps its own resume file).
     context = SweepContext(config, files)
-    partial_path = out / "partial.json"
+    partial_path = out / ("partial.json" if not world.distributed else f"partial.rank{world.rank}of{world.size}.json")
     tallies: dict[Setting, Tally] = {s: Tally.create(context) for s in pending}
-    skipped: list[str] = []
+    skipped: list[tuple[int, str]] = []  # (global batch, reason), so the processes' lists join in file order
     if partial_path.exists():
         state = _read_json(partial_path)
         if state.get("batch_size") == config.batch_size and state.get("n_files") == len(files):
@@ -767,31 +782,35 @@ def run_sweep(
                 saved = state.get("tallies", {}).get(keys[setting])
                 if saved:
                     tallies[setting] = Tally.from_state(saved, context)
-            skipped = list(state.get("skipped", []))
-    start_batch = min(t.batches for t in tallies.values())
-    if start_batch == 0:
+            skipped = [(int(b), str(r)) for b, r in state.get("skipped_at", [])]
+    start = min(t.batches for t in tallies.values())  # position in `owned`
+    if start == 0:
         skipped = []  # the pass restarts at the first batch and records the skipped files again
 
-    first_index = start_batch * config.batch_size
-    loader = make_loader(files, make_transform(model, config.crop_pct), config.batch_size, config.workers,
-                         indices=range(first_index, len(files)))
+    indices = [i for b in owned[start:] for i in range(b * config.batch_size, min(len(files), (b + 1) * config.batch_size))]
+    loader = make_loader(files, make_transform(model, config.crop_pct), config.batch_size, config.workers, indices=indices)
+    share = sum(min(len(files), (b + 1) * config.batch_size) - b * config.batch_size for b in owned)
     total = len(files)
-    bar = tqdm(total=total, initial=first_index, unit="img", desc=f"sweep {len(pending)} settings", disable=not show_bar)
+    bar = tqdm(total=share, initial=share - len(indices), unit="img", desc=f"sweep {len(pending)} settings"
+               + (f" (process {world.rank + 1}/{world.size})" if world.distributed else ""),
+               disable=not show_bar or not world.is_main)
     warmed: set[Setting] = set()
     device = loaded.device
-    batch_index = start_batch
+    position_in_owned = start
     checkpoint_every = config.checkpoint_every or max(1, 256 // config.batch_size)
-    n_batches = max(1, math.ceil(len(files) / config.batch_size))
+    pass_started = time.perf_counter()
     for batch in loader:
-        skipped.extend(batch.skipped)
+        batch_index = owned[position_in_owned]
+        skipped.extend((batch_index, reason) for reason in batch.skipped)
         if batch.images.numel():
             images = batch.images.to(device)
             dense = None
-            if any(acc.needs_dense() for s in pending if tallies[s].batches <= batch_index for acc in tallies[s].accumulators.values()):
+            if any(acc.needs_dense() for s in pending if tallies[s].batches <= position_in_owned
+                   for acc in tallies[s].accumulators.values()):
                 dense = run(model, images, ReductionPlan(), extras=loaded.extras, track=False, keep_block_outputs=True)
             for position, setting in enumerate(pending):
                 tally = tallies[setting]
-                if tally.batches > batch_index:
+                if tally.batches > position_in_owned:
                     continue  # already counted before an interruption
                 if setting not in warmed:
                     run(model, images[: min(4, len(images))], setting.plan, extras=loaded.extras, track=False)
@@ -810,31 +829,56 @@ def run_sweep(
                              f"batch {batch_index + 1}/{n_batches}: {setting.label} at keep rate {setting.keep_rate:g} "
                              f"({position + 1}/{len(pending)} settings)")
         for setting in pending:
-            tallies[setting].batches = max(tallies[setting].batches, batch_index + 1)
-        batch_index += 1
+            tallies[setting].batches = max(tallies[setting].batches, position_in_owned + 1)
+        position_in_owned += 1
         bar.update(len(batch.indices) + len(batch.skipped))
-        if batch_index % checkpoint_every == 0:
-            state = {"batch_size": config.batch_size, "n_files": len(files), "skipped": skipped,
+        if position_in_owned % checkpoint_every == 0:
+            state = {"batch_size": config.batch_size, "n_files": len(files), "processes": world.size,
+                     "skipped_at": [list(item) for item in skipped],
                      "tallies": {keys[s]: t.state() for s, t in tallies.items()}}
-            tmp = out / "partial.json.tmp"
+            tmp = partial_path.with_name(partial_path.name + ".tmp")
             tmp.write_text(json.dumps(state))
             os.replace(tmp, partial_path)
         if progress:
-            progress(min(1.0, bar.n / max(total, 1)), f"{bar.n}/{total} images, {len(pending)} settings")
+            progress(min(1.0, bar.n / max(share, 1)), f"{bar.n}/{share} images, {len(pending)} settings")
     bar.close()
-    if all(t.accumulators["accuracy"].seen == 0 for t in tallies.values()):
-        example = skipped[0] if skipped else "no file was loaded"
-        raise SweepError(f"none of the {len(files)} images in {root} could be read (e.g. {example}); check the folder")
+    wall = time.perf_counter() - pass_started
 
-    rows = [row for row in previous if row.get("key") not in {keys[s] for s in pending}]
-    rows += [make_row(setting, tallies[setting], keys[setting], loaded, config, dconfig, skipped, root).to_json()
-             for setting in pending]
-    write_results(out, run_config, rows)
+    # Every process's accumulators and skipped files on rank 0, merged exactly.
+    seen = world.all_sum([sum(t.accumulators["accuracy"].seen for t in tallies.values())])[0]  # images, all processes
+    gathered = world.gather({"tallies": {keys[s]: t.state() for s, t in tallies.items()}, "skipped": skipped, "wall": wall})
+    outcome_rows: list[dict[str, Any]] | None = None
+    if world.is_main:
+        for other in gathered[1:]:
+            for setting in pending:
+                tallies[setting].merge(Tally.from_state(other["tallies"][keys[setting]], context))
+            skipped.extend((int(b), str(r)) for b, r in other["skipped"])
+        reasons = [reason for _, reason in sorted(skipped, key=lambda item: item[0])]  # file order (stable within a batch)
+        if seen == 0:
+            example = reasons[0] if reasons else "no file was loaded"
+            error = f"none of the {len(files)} images in {root} could be read (e.g. {example}); check the folder"
+        else:
+            error = None
+            wall_max = max(item["wall"] for item in gathered)
+            run_config["pass_seconds"] = wall_max
+            run_config["pass_images_per_s"] = sum(t.accumulators["accuracy"].seen for t in tallies.values()) / wall_max if wall_max > 0 else None
+            rows = [row for row in previous if row.get("key") not in {keys[s] for s in pending}]
+            rows += [make_row(setting, tallies[setting], keys[setting], loaded, config, dconfig, reasons, root).to_json()
+                     for setting in pending]
+            write_results(out, run_config, rows)
+            outcome_rows = load_results(out)["rows"]
+        error = world.broadcast(error)
+    else:
+        error = world.broadcast(None)
+    if error:
+        raise SweepError(error)
+    outcome_rows = world.broadcast(outcome_rows)
+    world.barrier()  # the results are written: every process's resume file can go
     if partial_path.exists():
         partial_path.unlink()
     if progress:
         progress(1.0, f"done: {len(pending)} settings on {total} images")
-    return SweepOutcome(load_results(out)["rows"], run_config, len(pending), len(settings) - len(pending), out)
+    return SweepOutcome(outcome_rows, run_config, len(pending), len(settings) - len(pending), out)
 
 
 def make_row(setting: Setting, tally: Tally, key: str, loaded: LoadedModel, config: SweepConfig, dconfig: dict[str, Any],

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from analysis.datasets import DatasetError, make_loader, resolve_dataset
 from analysis.models import imagenet_wnids, make_transform
@@ -134,3 +135,61 @@ def test_unresolvable_folders_say_why(tmp_path, sample_files, case, message):
     ground_truth = root / "gt.txt" if case == "gt-bad-index" else None
     with pytest.raises(DatasetError, match=message):
         resolve_dataset(root, ground_truth=ground_truth)
+
+
+def _write_shards(folder, photos, per_shard: int, with_cls: bool):
+    """WebDataset shards of real photos: `<key>.jpg` + `<key>.cls`, or `<wnid>/<key>.jpg`."""
+    import io
+    import tarfile
+
+    from analysis.models import imagenet_wnids
+
+    index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
+    shards = []
+    for start in range(0, len(photos), per_shard):
+        shard = folder / f"val-{start // per_shard:03d}.tar"
+        with tarfile.open(shard, "w") as archive:
+            for number, photo in enumerate(photos[start:start + per_shard], start):
+                members = [(f"{photo.parent.name}/s{number:04d}.jpg", photo.read_bytes())]
+                if with_cls:
+                    members = [(f"s{number:04d}.jpg", photo.read_bytes()), (f"s{number:04d}.cls", str(index[photo.parent.name]).encode())]
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        shards.append(shard)
+    return shards
+
+
+@pytest.mark.parametrize("with_cls", [True, False])
+def test_tar_shards_read_in_place_give_the_folder_results(tmp_path, sample_files, with_cls):
+    """Tar shards (WebDataset layout) give the same images, labels and pixels as the folder, as a
+    folder of shards, a brace pattern and a single shard."""
+    from analysis.datasets import ImageDataset, expand_shards
+    from analysis.models import make_transform
+
+    photos = sample_files[:7]
+    shards = _write_shards(tmp_path, photos, 3, with_cls)
+    assert [p.name for p in expand_shards(str(tmp_path / "val-{000..002}.tar"))] == ["val-000.tar", "val-001.tar", "val-002.tar"]
+    folder = resolve_dataset(SAMPLE_DIR)
+    expected = [folder.labels[folder.files.index(p)] for p in photos]
+    for source in (tmp_path, str(tmp_path / "val-{000..002}.tar")):
+        files = resolve_dataset(source)
+        assert files.layout == "tar-shards" and list(files.labels) == expected
+    one = resolve_dataset(shards[0])
+    assert list(one.labels) == expected[:3]
+    import timm
+
+    transform = make_transform(timm.create_model("deit_tiny_patch16_224", pretrained=False), None)
+    from_tar = ImageDataset(resolve_dataset(tmp_path), transform)[4]
+    from_folder = ImageDataset(folder, transform)[folder.files.index(photos[4])]
+    assert torch.equal(from_tar[0], from_folder[0]) and from_tar[1] == from_folder[1]
+
+
+def test_bad_tar_shards_are_named(tmp_path, sample_files):
+    _write_shards(tmp_path, sample_files[:2], 2, True)
+    with pytest.raises(DatasetError, match=r"val-001.tar does not exist \(1 of 2 shards missing\)"):
+        resolve_dataset(str(tmp_path / "val-{000..001}.tar"))
+    (tmp_path / "val-000.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(DatasetError, match="not a readable tar file"):
+        resolve_dataset(tmp_path / "val-000.tar")

@@ -1,9 +1,13 @@
-"""`python -m analysis sweep --data DIR ...`: top-1/top-5, GMACs, diversity and throughput per method x keep rate."""
+"""`python -m analysis sweep --data DIR ...`: top-1/top-5, GMACs, diversity and throughput per method x keep rate.
+
+Launched by `torchrun --nproc_per_node N -m analysis sweep ...` it runs on N processes (gloo on the
+CPU, NCCL with one GPU per process) and rank 0 writes the same results as one process would."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..distributed import World
 from ..errors import SweepError
 from ..lists import comma_list
 from ..sweep import SweepConfig, default_methods, run_sweep
@@ -15,7 +19,8 @@ DEFAULT_KEEP_RATES = "1.0,0.9,0.8,0.7,0.6,0.5"
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("sweep", help="accuracy, GMACs, diversity and throughput per method and keep rate over a labelled folder",
                                    allow_abbrev=False)
-    parser.add_argument("--data", required=True, help="ImageNet-style folder: WordNet-id folders, index folders, or flat images + a 'filename index' file")
+    parser.add_argument("--data", required=True, help="ImageNet-style folder: WordNet-id folders, index folders, flat images + a 'filename index' file, "
+                             "or tar shards read in place (a .tar, a folder of them, or a pattern such as 'val-{000000..000049}.tar')")
     parser.add_argument("--labels", default=None, help="ground-truth file of 'filename index' lines for a flat folder (default: found in --data)")
     add_model_args(parser)
     defaults = ",".join(default_methods())
@@ -51,7 +56,13 @@ def main(args: argparse.Namespace) -> int:
         diversity_centre=args.diversity_centre, diversity_size_weighted=args.diversity_size_weighted,
         budget_schedule=args.budget_schedule, diversity_images=args.diversity_images,
     )
-    outcome = run_sweep(config, show_bar=not args.quiet)
+    world = World.from_env(args.device)  # torchrun: join its process group; else one process
+    try:
+        outcome = run_sweep(config, show_bar=not args.quiet, world=world)
+    finally:
+        world.close()
+    if not world.is_main:
+        return 0  # rank 0 reports and writes the figures
     skipped = next((row.get("skipped_files") for row in outcome.rows if row.get("skipped_files")), [])
     for reason in skipped[:20]:
         print(f"skipped unreadable image {reason}", file=sys.stderr)
