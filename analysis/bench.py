@@ -21,16 +21,34 @@ merging and no attention bias. `speedup_bound` (dense / twin) is the most any me
 counts could gain on this machine; `method_overhead_pct` (setting / twin - 1) is what the method's
 own work costs on top.
 
-On CUDA every timed call is bracketed by `torch.cuda.synchronize()`, so the time covers the kernels
-and not only their launch. `amp` runs the forward under `torch.autocast`: float16 on CUDA, bfloat16
-on the CPU (CPU autocast has no useful float16 path).
+On CUDA every timed call is measured with CUDA events recorded on the stream around the call
+(`torch.cuda.Event(enable_timing=True)`), after a `synchronize()`, so the time covers the kernels and
+not only their launch. Precision (`precision`): float32; `amp-fp16` / `amp-bf16` run the forward under
+`torch.autocast`; `half-fp16` / `half-bf16` run a converted copy of the model on converted input
+(pure half precision; the shared model is never converted). `amp` alone means float16 autocast on
+CUDA and bfloat16 on the CPU.
+
+Beside the times, each setting records (outside the timed calls): its peak memory
+(`torch.cuda.max_memory_allocated` after a reset on CUDA; on the CPU the process's peak resident set,
+`VmHWM`, after resetting it through `/proc/self/clear_refs`, so the number is that setting's own), the
+scaled-dot-product-attention kernel that actually ran (from the profiler's op names: flash,
+memory-efficient, cuDNN or math), and the environment (CPU, GPU, driver, CUDA, torch, timm). With
+`compile`, every setting whose token counts do not depend on the input runs through `torch.compile`;
+its compile time (the first call) and the number of graphs and recompiles are recorded, and a setting
+whose shapes change with the data (per-image counts) is timed uncompiled and flagged. With
+`oom_halving` (CUDA), a batch size that runs out of memory is halved until it fits, as timm's
+benchmark script does, and the row says from where.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import ctypes
+import functools
+import json
 import math
 import os
+import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +57,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from . import engine
 from .engine import method_unavailable, run, run_token_count_twin
 from .errors import BenchError, PlanError
 from .gmacs import plan_gmacs, token_counts
@@ -56,7 +75,10 @@ CSV_COLUMNS: tuple[str, ...] = (
     "speedup_min", "cpu_time_ms", "speedup_cpu_time", "load_average",
     "threads", "repeats", "warmup", "weights", "provenance_overhead_pct", "allocator",
     "bound_latency_ms", "speedup_bound", "method_overhead_pct",
+    "peak_memory_mb", "memory_kind", "sdpa_backend", "compiled", "compile_s", "graphs", "recompiles", "shape_note",
+    "batch_size_requested", "timer", "params", "env_cpu", "env_gpu", "env_driver", "env_cuda", "env_torch", "env_timm",
 )
+PRECISIONS = ("float32", "amp-fp16", "amp-bf16", "half-fp16", "half-bf16")
 
 
 @dataclass(frozen=True)
@@ -79,7 +101,8 @@ class BenchSetting:
     def label(self) -> str:
         if self.method == "none":
             return "dense"
-        return f"{self.method} r={self.r}" if self.r is not None else f"{self.method} keep={self.keep_rate:g}"
+        text = f"{self.method} r={self.r}" if self.r is not None else f"{self.method} keep={self.keep_rate:g}"
+        return text + (" prop_attn=off" if dict(self.plan.params).get("prop_attn") is False else "")
 
 
 @dataclass
@@ -118,6 +141,23 @@ class BenchRow:
     bound_latency_ms: float | None = None
     speedup_bound: float | None = None
     method_overhead_pct: float | None = None
+    peak_memory_mb: float | None = None
+    memory_kind: str = ""
+    sdpa_backend: str = ""
+    compiled: bool = False
+    compile_s: float | None = None
+    graphs: int | None = None
+    recompiles: int | None = None
+    shape_note: str = ""
+    batch_size_requested: int | None = None
+    timer: str = "perf_counter"
+    params: str = ""
+    env_cpu: str = ""
+    env_gpu: str = ""
+    env_driver: str = ""
+    env_cuda: str = ""
+    env_torch: str = ""
+    env_timm: str = ""
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
     def csv_record(self) -> dict[str, Any]:
@@ -132,6 +172,8 @@ class BenchRow:
         """One printed line: the number together with device, dtype, batch size and threads."""
         what = "dense" if self.method == "none" else (
             f"{self.method} r={self.r}" if self.r is not None else f"{self.method} keep={self.keep_rate:g}")
+        if '"prop_attn": false' in self.params:
+            what += " prop_attn=off"
         line = (
             f"{self.model} {what:<14} | {self.device} {self.dtype} batch {self.batch_size} threads {self.threads}"
             f"{' steady-alloc' if self.allocator == 'steady' else ''} | "
@@ -148,6 +190,16 @@ class BenchRow:
         if self.speedup_bound is not None:
             line += (f" | token-count bound {self.bound_latency_ms:.1f} ms = {self.speedup_bound:.2f}x, "
                      f"method overhead {self.method_overhead_pct:+.1f}%")
+        if self.peak_memory_mb is not None:
+            line += f" | peak {self.peak_memory_mb:.0f} MB ({self.memory_kind})"
+        if self.sdpa_backend:
+            line += f" | SDPA {self.sdpa_backend}"
+        if self.compiled:
+            line += f" | compiled in {self.compile_s:.1f} s, {self.graphs} graphs, {self.recompiles} recompiles"
+        if self.shape_note:
+            line += f" | {self.shape_note}"
+        if self.batch_size_requested is not None and self.batch_size_requested != self.batch_size:
+            line += f" | batch {self.batch_size_requested} ran out of memory, halved to {self.batch_size}"
         return line
 
 
@@ -160,11 +212,14 @@ def parse_list(text: str | Iterable, kind: type, what: str) -> list:
 
 
 def make_settings(methods: Iterable[str], keep_rates: Iterable[float] = (0.7,), r_values: Iterable[int] | None = None,
-                  depth: int = 12, n0: int = 197, method_params: dict[str, dict[str, Any]] | None = None) -> list[BenchSetting]:
+                  depth: int = 12, n0: int = 197, method_params: dict[str, dict[str, Any]] | None = None,
+                  prop_attn_both: bool = False) -> list[BenchSetting]:
     """The settings to time: the dense model first (always, the speedups need it), then each
     method at each keep rate. A method without a keep rate runs at each keep rate's token budget
     (`Method.budget` for a model of `depth` blocks and `n0` tokens), or, when `r_values` are given
-    and it has an `r` parameter (ToMe, PiToMe, ...), at each of those r instead.
+    and it has an `r` parameter (ToMe, PiToMe, ...), at each of those r instead. With
+    `prop_attn_both`, a method with a boolean `prop_attn` parameter the user did not set runs with
+    it on and off (two settings each; the float mask of proportional attention rules out flash).
 
     Raises:
         BenchError: a keep rate outside (0, 1].
@@ -192,6 +247,17 @@ def make_settings(methods: Iterable[str], keep_rates: Iterable[float] = (0.7,), 
                 plan = method.budget(rate, depth, n0)
                 plan = ReductionPlan.make(plan.method, plan.keep_rate, plan.layers, **{**dict(plan.params), **user})
                 settings.append(BenchSetting(name, rate, None, plan))
+    if prop_attn_both:
+        doubled = []
+        for setting in settings:
+            doubled.append(setting)
+            spec = None if setting.method == "none" else get_method(setting.method).param("prop_attn")
+            if spec is not None and spec.kind == "bool" and "prop_attn" not in (method_params or {}).get(setting.method, {}):
+                params = dict(setting.plan.params)
+                flipped = not params.get("prop_attn", spec.default)
+                plan = ReductionPlan.make(setting.plan.method, setting.plan.keep_rate, setting.plan.layers, **{**params, "prop_attn": flipped})
+                doubled.append(BenchSetting(setting.method, setting.keep_rate, setting.r, plan))
+        settings = doubled
     return settings
 
 
@@ -204,31 +270,140 @@ def random_images(model: torch.nn.Module, batch_size: int, device: str, seed: in
     return torch.randn(batch_size, channels, height, width, generator=generator).to(device)
 
 
-def dtype_label(device: str, amp: bool) -> str:
-    """The precision a run uses: float32, or the autocast type (float16 on CUDA, bfloat16 on CPU)."""
-    if not amp:
-        return "float32"
-    return "float16-autocast" if device == "cuda" else "bfloat16-autocast"
+def resolve_precision(device: str, amp: bool, precision: str | None) -> str:
+    """The precision of a run (one of `PRECISIONS`): `precision` if given, else `amp`'s autocast
+    (float16 on CUDA, bfloat16 on the CPU, which has no useful float16 autocast) or float32.
+    Raises BenchError for an unknown name."""
+    if precision is None:
+        return ("amp-fp16" if device == "cuda" else "amp-bf16") if amp else "float32"
+    if precision not in PRECISIONS:
+        raise BenchError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
 
 
-def _autocast(device: str, amp: bool):
-    if not amp:
+def dtype_label(device: str, amp: bool, precision: str | None = None) -> str:
+    """The row's dtype text: float32, float16-autocast, bfloat16-autocast, float16 or bfloat16."""
+    chosen = resolve_precision(device, amp, precision)
+    return {"float32": "float32", "amp-fp16": "float16-autocast", "amp-bf16": "bfloat16-autocast",
+            "half-fp16": "float16", "half-bf16": "bfloat16"}[chosen]
+
+
+def _autocast(device: str, precision: str):
+    if not precision.startswith("amp-"):
         return torch.autocast(device_type=device, enabled=False)
-    return torch.autocast(device_type=device, dtype=torch.float16 if device == "cuda" else torch.bfloat16)
+    return torch.autocast(device_type=device, dtype=torch.float16 if precision == "amp-fp16" else torch.bfloat16)
+
+
+def _half_dtype(precision: str) -> torch.dtype | None:
+    return {"half-fp16": torch.float16, "half-bf16": torch.bfloat16}.get(precision)
 
 
 def _timed_call(fn: Callable[[], Any], device: str) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call; on CUDA synchronised before and after so
-    the kernels are included. CPU time counts every thread: on a quiet machine it is about
-    threads x wall; far less means the process waited for cores that other processes held."""
+    """(seconds, process CPU seconds) of one call. On CUDA the seconds come from CUDA events
+    recorded around the call on the current stream (after a synchronize, so earlier work is not
+    counted), which time the kernels themselves; on the CPU from `time.perf_counter`. CPU time counts
+    every thread: on a quiet machine it is about threads x wall; far less means the process waited
+    for cores that other processes held."""
     if device == "cuda":
         torch.cuda.synchronize()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cpu_start = time.process_time()
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3, time.process_time() - cpu_start
     cpu_start = time.process_time()
     start = time.perf_counter()
     fn()
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def environment() -> dict[str, str]:
+    """What a row was measured on: env_cpu, env_gpu, env_driver, env_cuda, env_torch, env_timm."""
+    import timm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    env = {"env_cpu": f"{cpu} ({os.cpu_count()} cores)", "env_gpu": "", "env_driver": "", "env_cuda": torch.version.cuda or "",
+           "env_torch": torch.__version__, "env_timm": timm.__version__}
+    if torch.cuda.is_available():
+        env["env_gpu"] = torch.cuda.get_device_name()
+        try:
+            version = torch._C._cuda_getDriverVersion()  # noqa: SLF001 - the driver's CUDA version, e.g. 12040
+            env["env_driver"] = f"{version // 1000}.{version % 1000 // 10}"
+        except (AttributeError, RuntimeError):
+            pass
+    return env
+
+
+def _reset_peak_memory(device: str) -> bool:
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, time.process_time() - cpu_start
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # Linux: reset the peak resident set size (VmHWM) to the current one
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory_mb(device: str) -> tuple[float | None, str]:
+    """(peak MB since `_reset_peak_memory`, what was measured)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda max_memory_allocated"
+    try:
+        with open("/proc/self/status") as handle:
+            line = next(line for line in handle if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024, "process peak RSS"
+    except (OSError, StopIteration, ValueError):
+        return None, ""
+
+
+SDPA_KERNELS = (("flash", "flash_attention"), ("memory-efficient", "efficient_attention"), ("cudnn", "cudnn_attention"),
+                ("math", "attention_math"))
+
+
+def sdpa_backends(fn: Callable[[], Any]) -> str:
+    """The scaled-dot-product-attention kernels one call of `fn` ran, from the profiler's aten op
+    names (`aten::_scaled_dot_product_flash_attention[_for_cpu]`, `..._efficient_attention`,
+    `..._cudnn_attention`, `..._attention_math`): e.g. "flash", or "flash+math" when blocks differ
+    (a float mask, such as proportional attention's, rules flash out); "" when none ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {event.key for event in prof.key_averages() if "scaled_dot_product" in event.key}
+    return "+".join(label for label, needle in SDPA_KERNELS if any(needle in name for name in names))
+
+
+def _dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled so far, recompiles so far) from torch._dynamo's counters."""
+    from torch._dynamo.utils import counters
+
+    graphs = int(counters["stats"].get("unique_graphs", 0))
+    recompiles = sum(int(v) for v in counters["recompiles"].values()) if "recompiles" in counters else 0
+    return graphs, recompiles
+
+
+def data_dependent_shapes(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any], device: str) -> bool:
+    """Whether a plan's token counts change with the input (per-image budgets): two seeded random
+    batches compared. Such a setting recompiles for every new shape, so it is not compiled."""
+    if plan.method == "none":
+        return False
+    counts = []
+    for seed in (1, 2):
+        images = random_images(model, 2, device, seed)
+        result = run(model, images, plan, extras=extras, track=False)
+        counts.append((tuple(result.token_counts), None if result.image_token_counts is None else result.image_token_counts.tolist()))
+    return counts[0] != counts[1]
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -283,6 +458,11 @@ class BenchConfig:
         bound: also time each reduced setting's token-count twin (`engine.run_token_count_twin`:
             the same token counts by plain truncation, no method work) and report the speedup
             that the counts alone allow and the method's own overhead.
+        precision: one of `PRECISIONS` (None: from `amp`).
+        compile: run each fixed-shape setting through `torch.compile` (see the module docstring).
+        memory: record each setting's peak memory (one extra untimed call).
+        sdpa: record the attention kernel that ran (one extra profiled call).
+        oom_halving: on CUDA, halve a batch size that runs out of memory until it fits.
     """
 
     batch_sizes: tuple[int, ...] = (32,)
@@ -294,8 +474,15 @@ class BenchConfig:
     provenance: bool = False
     allocator: str = "system"
     bound: bool = False
+    precision: str | None = None
+    compile: bool = False
+    memory: bool = True
+    sdpa: bool = True
+    oom_halving: bool = True
 
     def validate(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise BenchError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.allocator not in ALLOCATORS:
             raise BenchError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {self.allocator!r}")
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
@@ -344,8 +531,13 @@ def run_benchmark(
     if config.threads is not None:
         torch.set_num_threads(int(config.threads))
     threads = torch.get_num_threads()
-    dtype = dtype_label(device, config.amp)
+    precision = resolve_precision(device, config.amp, config.precision)
+    dtype = dtype_label(device, config.amp, precision)
     extras = loaded.extras
+    env = environment()
+    half = _half_dtype(precision)
+    if half is not None:
+        model = copy.deepcopy(model).to(half)  # a converted copy: the loaded model stays as it is
 
     # GMACs per image and token counts (one dummy forward per reduced plan), outside the timed region.
     counts = {setting.plan: token_counts(model, setting.plan, extras) for setting in settings}
@@ -358,28 +550,29 @@ def run_benchmark(
     done = 0
     rows: list[BenchRow] = []
     suffix = {"plain": "", "provenance": " (provenance on)", "twin": " (token-count twin)"}
-    for batch_size in config.batch_sizes:
-        images = random_images(model, int(batch_size), device, config.seed)
-        samples: dict[tuple[BenchSetting, str], list[float]] = {job: [] for job in jobs}
-        cpu_samples: dict[tuple[BenchSetting, str], list[float]] = {job: [] for job in jobs}
-
-        def call(setting: BenchSetting, mode: str):
-            if mode == "twin":
-                acts = get_method(setting.method).acts
-                return lambda: run_token_count_twin(model, images, counts[setting.plan], acts)
-            return lambda: run(model, images, setting.plan, extras=extras, track=mode == "provenance")
-
-        with torch.inference_mode(), _autocast(device, config.amp):
-            for phase, count in (("warm-up", config.warmup), ("timing", config.repeats)):
-                for round_index in range(count):
-                    for setting, mode in jobs:
-                        seconds, cpu_seconds = _timed_call(call(setting, mode), device)
-                        if phase == "timing":
-                            samples[(setting, mode)].append(seconds)
-                            cpu_samples[(setting, mode)].append(cpu_seconds)
-                        done += 1
-                        if progress is not None:
-                            progress(done / total, f"batch {batch_size}: {phase} {round_index + 1}/{count}, {setting.label}{suffix[mode]}")
+    # torch.compile: fixed-shape settings only (a data-dependent count recompiles for every shape).
+    varying = {s.plan: data_dependent_shapes(model, s.plan, extras, device) for s in settings} if config.compile else {}
+    compiled: dict[ReductionPlan, Callable] = {}
+    compile_info: dict[ReductionPlan, tuple[float, int, int]] = {}
+    if config.compile:
+        forward = getattr(engine.run, "__wrapped__", engine.run)  # without inference_mode, which dynamo cannot trace
+        for setting in settings:
+            if not varying[setting.plan]:
+                compiled[setting.plan] = torch.compile(functools.partial(forward, model, plan=setting.plan, extras=extras, track=False))
+    for requested in config.batch_sizes:
+        batch_size = int(requested)
+        while True:
+            try:
+                measured = _measure_batch(model, extras, settings, jobs, counts, compiled, compile_info, config, device, precision, half,
+                                          batch_size, progress, done, total, suffix)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if not (device == "cuda" and config.oom_halving and batch_size > 1):
+                    raise BenchError(f"batch size {batch_size} does not fit in the GPU's memory: use smaller --batch-sizes") from None
+                torch.cuda.empty_cache()
+                batch_size //= 2  # timm's benchmark: halve and try again
+        samples, cpu_samples, memory, backends = measured
+        done += len(jobs) * (config.warmup + config.repeats)
         load = _load_average()
         dense_median = statistics.median(samples[(settings[0], "plain")])
         dense_min = min(samples[(settings[0], "plain")])
@@ -411,8 +604,65 @@ def run_benchmark(
                 speedup_bound=None if bound is None else dense_median / bound,
                 method_overhead_pct=None if bound is None else 100.0 * (median / bound - 1.0),
                 provenance_overhead_pct=overhead, load_average=load, allocator=config.allocator, samples_ms=[1e3 * t for t in times],
+                peak_memory_mb=memory.get(setting.plan, (None, ""))[0], memory_kind=memory.get(setting.plan, (None, ""))[1],
+                sdpa_backend=backends.get(setting.plan, ""), compiled=setting.plan in compiled,
+                compile_s=compile_info.get(setting.plan, (None, None, None))[0],
+                graphs=compile_info.get(setting.plan, (None, None, None))[1],
+                recompiles=compile_info.get(setting.plan, (None, None, None))[2],
+                shape_note="token counts depend on the input: not compiled" if varying.get(setting.plan) else "",
+                batch_size_requested=int(requested), params=json.dumps(dict(setting.plan.params), sort_keys=True, default=str), timer="cuda events" if device == "cuda" else "perf_counter", **env,
             ))
     return rows
+
+
+def _measure_batch(model, extras, settings, jobs, counts, compiled, compile_info, config: BenchConfig, device: str, precision: str,
+                   half: torch.dtype | None, batch_size: int, progress, done: int, total: int, suffix: dict[str, str]):
+    """One batch size: compile (first call) where asked, memory and attention kernel per setting,
+    then warm-up and interleaved timing. Returns (samples, cpu_samples, memory, backends)."""
+    images = random_images(model, batch_size, device, config.seed)
+    if half is not None:
+        images = images.to(half)
+    samples: dict[tuple[BenchSetting, str], list[float]] = {job: [] for job in jobs}
+    cpu_samples: dict[tuple[BenchSetting, str], list[float]] = {job: [] for job in jobs}
+
+    def call(setting: BenchSetting, mode: str):
+        if mode == "twin":
+            acts = get_method(setting.method).acts
+            return lambda: run_token_count_twin(model, images, counts[setting.plan], acts)
+        if mode == "plain" and setting.plan in compiled:
+            return lambda: compiled[setting.plan](images)
+        return lambda: run(model, images, setting.plan, extras=extras, track=mode == "provenance")
+
+    memory: dict[ReductionPlan, tuple[float | None, str]] = {}
+    backends: dict[ReductionPlan, str] = {}
+    # compiled code runs under no_grad (dynamo cannot trace inference-mode tensors); the rest under inference_mode
+    grad_off = torch.no_grad() if compiled else torch.inference_mode()
+    with grad_off, _autocast(device, precision):
+        for setting in settings:
+            if setting.plan in compiled and setting.plan not in compile_info:
+                before = _dynamo_counts()
+                started = time.perf_counter()
+                call(setting, "plain")()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                after = _dynamo_counts()
+                compile_info[setting.plan] = (time.perf_counter() - started, after[0] - before[0], after[1] - before[1])
+            if config.memory and _reset_peak_memory(device):
+                call(setting, "plain")()
+                memory[setting.plan] = _peak_memory_mb(device)
+            if config.sdpa:
+                backends[setting.plan] = sdpa_backends(call(setting, "plain"))
+        for phase, count in (("warm-up", config.warmup), ("timing", config.repeats)):
+            for round_index in range(count):
+                for setting, mode in jobs:
+                    seconds, cpu_seconds = _timed_call(call(setting, mode), device)
+                    if phase == "timing":
+                        samples[(setting, mode)].append(seconds)
+                        cpu_samples[(setting, mode)].append(cpu_seconds)
+                    done += 1
+                    if progress is not None:
+                        progress(done / total, f"batch {batch_size}: {phase} {round_index + 1}/{count}, {setting.label}{suffix[mode]}")
+    return samples, cpu_samples, memory, backends
 
 
 def contention_note(rows: list[BenchRow]) -> str | None:

@@ -7,6 +7,7 @@ efficiency goals are checked by running the benchmark (README, "Speed").
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -135,7 +136,7 @@ def test_bench_forms_no_n_by_n_attention(tiny, monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy(F.scaled_dot_product_attention, sdpa_calls))
     runnable = [name for name, method in METHODS.items() if method.unavailable_reason(tiny.extras) is None]
     settings = make_settings(runnable, [0.7], [13])
-    rows = run_benchmark(tiny, settings, BenchConfig(batch_sizes=(2,), warmup=0, repeats=1))
+    rows = run_benchmark(tiny, settings, BenchConfig(batch_sizes=(2,), warmup=0, repeats=1, memory=False, sdpa=False))
     assert len(rows) == len(settings)
     reducing = [s for s in settings if s.method != "none"]
     assert softmax_shapes, "the class-attention row goes through softmax; the spy saw nothing"
@@ -264,3 +265,49 @@ def test_methods_without_a_keep_rate_meet_each_budget_unless_r_is_given():
     assert [dict(s.plan.params)["r"] for s in tome] == [11, 16]  # the constant r nearest each budget (DeiT, 197 tokens)
     fixed = make_settings(["evit", "tome"], [0.7], [13])
     assert [(s.method, s.r) for s in fixed] == [("none", None), ("evit", None), ("tome", 13)]
+
+
+def test_rows_record_memory_attention_kernel_environment_and_precision(tiny):
+    """Every row says what it ran on (torch, timm, CPU), its peak memory and the attention kernel;
+    pure half precision runs a converted copy and leaves the shared model in float32."""
+    import timm
+
+    settings = make_settings(["none", "tome"], [0.7], [13], prop_attn_both=True)
+    assert [s.label for s in settings] == ["dense", "tome r=13", "tome r=13 prop_attn=off"]
+    rows = run_benchmark(tiny, settings, BenchConfig(batch_sizes=(1,), warmup=0, repeats=1, precision="half-bf16"))
+    assert next(tiny.model.parameters()).dtype == torch.float32
+    for row in rows:
+        assert row.dtype == "bfloat16" and row.timer == "perf_counter"
+        assert row.env_torch == torch.__version__ and row.env_timm == timm.__version__ and "cores" in row.env_cpu
+        assert row.peak_memory_mb > 0 and row.memory_kind == "process peak RSS"
+        assert row.sdpa_backend, "the profiler saw the attention kernel"
+    assert [json.loads(row.params).get("prop_attn") for row in rows] == [None, None, False]  # None: the default (on)
+    with pytest.raises(Exception, match="precision must be one of"):
+        run_benchmark(tiny, settings, BenchConfig(batch_sizes=(1,), precision="fp8"))
+
+
+def test_compile_records_compile_time_and_graphs(tiny):
+    """--compile: the dense model runs through torch.compile; its compile time and graph count are
+    recorded and its logits equal the eager forward's."""
+    from analysis.bench import data_dependent_shapes
+
+    assert not data_dependent_shapes(tiny.model, ReductionPlan.make("evit", 0.7), {}, "cpu")
+    rows = run_benchmark(tiny, make_settings(["none"]), BenchConfig(batch_sizes=(1,), warmup=0, repeats=1, compile=True, sdpa=False))
+    assert rows[0].compiled and rows[0].compile_s > 0 and rows[0].graphs >= 1 and rows[0].shape_note == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_events_amp_memory_and_oom_halving():
+    """On a GPU: CUDA-event timing, float16 autocast, CUDA peak memory, and a batch too big for the
+    GPU halved until it fits."""
+    from analysis.models import load_model
+
+    loaded = load_model(TINY, "pretrained", "cuda")
+    settings = make_settings(["none", "evit"], [0.7])
+    rows = run_benchmark(loaded, settings, BenchConfig(batch_sizes=(8,), warmup=1, repeats=2, precision="amp-fp16"))
+    assert all(row.timer == "cuda events" and row.dtype == "float16-autocast" and row.env_gpu for row in rows)
+    assert all(row.memory_kind == "cuda max_memory_allocated" and row.peak_memory_mb > 0 for row in rows)
+    free, _ = torch.cuda.mem_get_info()
+    huge = 1 << max(10, int(math.log2(free / (3 * 224 * 224 * 4))) + 2)  # more input than the GPU holds
+    rows = run_benchmark(loaded, settings[:1], BenchConfig(batch_sizes=(huge,), warmup=0, repeats=1, memory=False, sdpa=False))
+    assert rows[0].batch_size < huge == rows[0].batch_size_requested

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..bench import BenchConfig, contention_note, make_settings, parse_list, run_benchmark, write_csv
+from ..bench import PRECISIONS, BenchConfig, contention_note, make_settings, parse_list, run_benchmark, write_csv
 from ..models import load_model
 from .common import add_method_param_args, add_model_args, method_params_from_args
 
@@ -21,7 +21,18 @@ def add_parser(subparsers) -> None:
                         help="comma list of r values (tokens merged per block), one setting each, for the methods without a keep rate "
                              "that have an r parameter (ToMe); default: every method without a keep rate at each keep rate's budget")
     parser.add_argument("--batch-sizes", default="1,32", help="comma list of batch sizes (default 1,32)")
-    parser.add_argument("--amp", action="store_true", help="autocast: float16 on cuda, bfloat16 on cpu")
+    parser.add_argument("--amp", action="store_true", help="autocast: float16 on cuda, bfloat16 on cpu (same as --precision amp-fp16 / amp-bf16)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="float32; amp-fp16 / amp-bf16: torch.autocast; half-fp16 / half-bf16: a converted copy of the model (pure half)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the dense model and every setting whose token counts do not depend on the input; "
+                             "records compile time, graphs and recompiles (settings with per-image counts are flagged and run uncompiled)")
+    parser.add_argument("--no-memory", action="store_true", help="do not record peak memory per setting")
+    parser.add_argument("--no-sdpa", action="store_true", help="do not record which attention kernel ran")
+    parser.add_argument("--no-oom-halving", action="store_true", help="on CUDA, fail instead of halving a batch size that runs out of memory")
+    parser.add_argument("--prop-attn", default="default", choices=("default", "both"),
+                        help="both: time every method that has a prop_attn parameter with proportional attention on and off "
+                             "(its float mask rules out flash attention)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, here the core count)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per setting and batch size (default 2)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per setting and batch size, interleaved (default 10)")
@@ -44,13 +55,15 @@ def main(args: argparse.Namespace) -> int:
     params = {name: method_params_from_args(args, name, methods) for name in methods if name not in ("none", "dense")}
     keep_rates = parse_list(args.keep_rates, float, "--keep-rates")
     r_values = None if args.r is None else parse_list(args.r, int, "--r")
-    make_settings(methods, keep_rates, r_values, method_params=params)
+    make_settings(methods, keep_rates, r_values, method_params=params, prop_attn_both=args.prop_attn == "both")
     config = BenchConfig(batch_sizes=tuple(parse_list(args.batch_sizes, int, "--batch-sizes")), warmup=args.warmup,
                          repeats=args.repeats, amp=args.amp, threads=args.threads, seed=args.seed, provenance=args.provenance,
-                         allocator=args.allocator, bound=args.bound)
+                         allocator=args.allocator, bound=args.bound, precision=args.precision, compile=args.compile,
+                         memory=not args.no_memory, sdpa=not args.no_sdpa, oom_halving=not args.no_oom_halving)
     config.validate()
     loaded = load_model(args.model, args.weights, args.device)
-    settings = make_settings(methods, keep_rates, r_values, len(loaded.model.blocks), loaded.model.patch_embed.num_patches + 1, params)
+    settings = make_settings(methods, keep_rates, r_values, len(loaded.model.blocks), loaded.model.patch_embed.num_patches + 1, params,
+                             prop_attn_both=args.prop_attn == "both")
     print(f"# {loaded.name}, weights {loaded.weights_label}, device {loaded.device}; "
           f"{len(settings)} settings x {len(config.batch_sizes)} batch sizes, {config.warmup} warm-up + {config.repeats} timed calls each, "
           f"interleaved; median with IQR and min/max; allocator {config.allocator}", flush=True)
