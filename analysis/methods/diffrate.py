@@ -162,7 +162,7 @@ def diffrate_assignment(x: torch.Tensor, cls_attention: torch.Tensor, sizes: tor
     n_src = mid - out
     dest = torch.full((batch, n), -1, dtype=torch.long, device=device)
     dest.scatter_(1, hosts, torch.arange(out, device=device).expand(batch, out))
-    weight = sizes.float() if weighted else torch.ones(batch, n, dtype=torch.float32, device=device)
+    weight = sizes if weighted else torch.ones(batch, n, dtype=sizes.dtype, device=device)
     gain = None
     if n_src > 0:
         metric = x if x.dtype == torch.float64 else x.float()
