@@ -254,6 +254,11 @@ def test_published_counts_and_gflops(tiny, model_key):
         assert gmacs == pytest.approx(theirs, rel=0.005), (flops, gmacs, theirs)
         assert abs(theirs - float(flops)) < max(0.06, 0.015 * float(flops)), (flops, theirs)
     assert len(SETTINGS) == 16 and SETTINGS[-1] == "custom"
+    # the official README's eval results ("flops 2.905", "flops 11.517") from the copied lists
+    readme = {"ViT-S-DeiT": ("2.9", 384, 2.905), "ViT-B-DeiT": ("11.5", 768, 11.517)}
+    if model_key in readme:
+        flops, width, printed = readme[model_key]
+        assert round(official_gflops(diffrate_counts(*PUBLISHED[model_key][flops]), width), 3) == printed
 
 
 def test_published_setting_on_another_model_is_refused(tiny, sample_batch):
