@@ -227,7 +227,7 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
         if reducing:
             shape = StageShape(
                 n_in=previous - prefix, n_out=after - prefix, channels=int(model.embed_dim), heads=int(attn.num_heads),
-                keep_rate=plan.keep_rate, params=params, acted=after != previous, stage=layers.index(layer), layer=layer,
+                keep_rate=plan.keep_rate, params=params, acted=after != previous, stage=layers.index(layer), layer=layer, depth=depth,
             )
             entry.method_matmul, entry.method_elementwise, entry.method_distances = method_macs(plan.method, shape)
             if method.acts == "inside":

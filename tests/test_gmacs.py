@@ -55,6 +55,18 @@ def test_breakdown_uses_the_real_token_counts(models):
     assert plan_gmacs(models["tiny"], ReductionPlan.make("evit", 0.7, fuse=False)) < report["gmacs"]
 
 
+def test_stage_shapes_carry_the_model_depth(models, monkeypatch):
+    """`own_macs` sees the model's number of blocks (`StageShape.depth`), for rules that depend on a
+    block's place in the network; DeiT-T has 12 blocks."""
+    from analysis.registry import get_method
+
+    seen = []
+    method = get_method("evit")
+    monkeypatch.setattr(type(method), "own_macs", lambda self, shape: seen.append((shape.layer, shape.depth)) or (0.0, 0.0))
+    plan_macs(models["tiny"], ReductionPlan.make("evit", 0.7))
+    assert seen == [(4, 12), (7, 12), (10, 12)]
+
+
 def _flop_counter_macs(model, plan) -> float:
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     counter = flop_counter()

@@ -372,7 +372,8 @@ class StageShape:
         channels: C; heads: H (head dim C / H).
         keep_rate: the plan's keep rate; params: the method's parameters (defaults filled in).
         acted: False when the stage changed nothing (e.g. keep rate 1.0).
-        stage: 0-based index among the reducing layers; layer: 1-based block.
+        stage: 0-based index among the reducing layers; layer: 1-based block; depth: the model's
+            number of blocks (for methods whose rule depends on the block's place in the network).
     """
 
     n_in: int
@@ -384,6 +385,7 @@ class StageShape:
     acted: bool
     stage: int = 0
     layer: int = 0
+    depth: int = 12
 
 
 # Comparison rows of the main page: each method says which rows it joins (`Method.comparison`).
