@@ -338,6 +338,8 @@ def run(
 
     needs = frozenset(method.needs) if method is not None else frozenset()
     transform = getattr(method, "transform_attention", None) if method is not None else None
+    # a method may transform the attention of every block, not only its reducing ones (ctx.stage -1 there)
+    every_block = transform is not None and bool(getattr(method, "transform_every_block", False))
     for block_index, block in enumerate(model.blocks):
         layer = block_index + 1
         stage_index = layers.index(layer) if layer in layers else -1
@@ -350,7 +352,7 @@ def run(
                                  lambda: _bias(sizes, valid, proportional, x.dtype), lambda: x)
         else:
             block_transform = None
-            if reducing and transform is not None:
+            if transform is not None and (reducing or every_block):
                 block_transform = lambda probs, i=stage_index, b=block_index: method.transform_attention(probs, context(i, b, {}))  # noqa: E731
             x, features = _attention_residual(block, x, bias, needs if reducing else frozenset(), block_transform, layout)
             if reducing and method.acts == "inside":

@@ -158,6 +158,59 @@ def test_transform_attention_changes_only_its_blocks(registered, tiny, sample_ba
     torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=0)
 
 
+class SharpenEverywhere(Sharpen):
+    """Sharpen at every block (transform_every_block), keeping the top half by class attention at its
+    reducing layers; records the stage each transform saw."""
+
+    name = "test_sharpen_everywhere"
+    label = "test: sharpened attention in every block"
+    transform_every_block = True
+    seen: list = []
+
+    def transform_attention(self, probs, ctx):
+        self.seen.append((ctx.block_index, ctx.stage))
+        return super().transform_attention(probs, ctx)
+
+    def assign(self, ctx):
+        n = ctx.cls_attention.shape[1]
+        return keep_assignment(torch.topk(ctx.cls_attention, n // 2, dim=1).indices + 1, n + 1)
+
+
+def test_transform_every_block_and_its_gmacs(registered, tiny, sample_batch):
+    """transform_every_block: every block attends with the transformed attention (ctx.stage -1 off
+    the reducing layers); the class-attention row comes from that matrix, so GMACs count no extra
+    row and equal the flop counter's."""
+    from analysis.gmacs import flop_counter, needs_macs, plan_macs
+
+    method = registered(SharpenEverywhere)
+    method.seen.clear()
+    plan = ReductionPlan.make("test_sharpen_everywhere", 1.0, (6,))
+    images = sample_batch[:2]
+    result = run(tiny.model, images, plan)
+    assert method.seen == [(b, 0 if b == 5 else -1) for b in range(12)]
+    model = tiny.model
+    with torch.inference_mode():
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for index, block in enumerate(model.blocks):
+            attn = block.attn
+            b, n, c = x.shape
+            qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+            p = ((qkv[0] @ qkv[1].transpose(-2, -1)) * attn.scale).softmax(-1) ** 2
+            p = p / p.sum(-1, keepdim=True)
+            x = x + attn.proj((p @ qkv[2]).transpose(1, 2).reshape(b, n, c))
+            if index == 5:
+                kept = torch.topk(p.mean(1)[:, 0, 1:], 98, dim=1).indices + 1
+                x = torch.cat([x[:, :1], x.gather(1, kept.unsqueeze(-1).expand(-1, -1, c))], dim=1)
+            x = x + block.mlp(block.norm2(x))
+        expected = model.forward_head(model.norm(x))
+    torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=0)
+    macs = plan_macs(model, plan)
+    with flop_counter() as counter:
+        run(model, images[:1], plan, track=False)
+    assert macs.matmul == counter.get_total_flops() / 2
+    assert macs.blocks[5].method_matmul == 0.0 < needs_macs(method.needs, 197, 192)
+
+
 class SpreadHalf(Method):
     """Drop the odd tokens, each spread over its two even neighbours with weight 1/2 (edges)."""
 
