@@ -85,9 +85,10 @@ def sample_tokens(scores: torch.Tensor, samples: int, present: torch.Tensor | No
     batch, n = scores.shape
     if present is None:
         present = torch.ones_like(scores, dtype=torch.bool)
-    # ascending significance, padding last (official: torch.sort ascending; padding is absent at batch 1)
+    # ascending significance, padding last (official: torch.sort ascending, no padding at batch 1);
+    # equal scores by position (stable; the official sort leaves their order unspecified)
     key = scores.masked_fill(~present, float("inf"))
-    order = torch.sort(key, dim=1).indices
+    order = torch.sort(key, dim=1, stable=True).indices
     sorted_scores = scores.gather(1, order)
     sorted_present = present.gather(1, order)
     cdf = torch.cumsum(sorted_scores, dim=1)  # padding adds 0 after the image's own tokens
