@@ -1,15 +1,15 @@
-"""ATS: Adaptive Token Sampling (Fayyaz et al., "Adaptive Token Sampler for Efficient Vision
+"""ATS: Adaptive Token Sampling (Fayyaz et al., "Adaptive Token Sampling For Efficient Vision
 Transformers", ECCV 2022, arXiv 2111.15667; official code adaptivetokensampling/ATS at 9271257,
 `libs/models/transformers/ats_block.py`, `AdaptiveTokenSampler`; spec: methods.md §16).
 
 At each reducing block (official DeiT-S config `ATS_BLOCKS` 3..11, 0-based: blocks 4 to 12),
 inside the block after the attention residual, every image
 
-1. scores its non-cls tokens by significance (paper eq. 4-5, official `score_assignment_step`):
+1. scores its non-cls tokens by significance (methods.md §16 S1, official `score_assignment_step`):
    `S_j = (sum_h A[h, 0, j]) ||v_j|| / sum_k (sum_h A[h, 0, k]) ||v_k||`, with `v_j` the token's
    values of all heads concatenated;
 2. sorts the scores ascending and forms their cumulative distribution, min-max normalised to
-   [0, 1] (paper eq. 6, official `inverse_transform_sampling`);
+   [0, 1] (S2, official `inverse_transform_sampling`);
 3. draws K - 1 evenly spaced values y_i from the smallest positive normalised cdf value to 1
    (official `create_ys`) and takes, for each, the token whose normalised cdf is nearest
    (|y - cdf|, ties to the less significant token): inverse transform sampling;
@@ -38,7 +38,7 @@ from .base import (
 
 
 def significance(cls_attention_heads: torch.Tensor, values_heads: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-    """ATS's significance scores (paper eq. 5; official `score_assignment_step`).
+    """ATS's significance scores (methods.md §16 S1; official `score_assignment_step`).
 
     Args:
         cls_attention_heads: [B, H, n] post-softmax attention of cls to the n non-cls tokens.
@@ -72,7 +72,7 @@ def sample_points(start: torch.Tensor, samples: int) -> torch.Tensor:
 
 def sample_tokens(scores: torch.Tensor, samples: int, present: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse transform sampling (paper eq. 6-7; official `inverse_transform_sampling`).
+    """Inverse transform sampling (methods.md §16 S2-S4; official `inverse_transform_sampling`).
 
     Args:
         scores: [B, n] significance scores (0 on padding).
