@@ -185,7 +185,12 @@ def _block_features(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
     rows = None
     if want_rows:
         if not layout.has_cls:
-            rows = probs.mean(dim=2, keepdim=True)  # mean attention received, [B, H, 1, N]
+            if bias is None:
+                rows = probs.mean(dim=2, keepdim=True)  # mean attention received, [B, H, 1, N]
+            else:
+                # over the present queries only: padding (a -inf key in the mask) asks nothing
+                present = torch.isfinite(bias[:, 0, 0, :]).to(probs.dtype)[:, None, :, None]
+                rows = (probs * present).sum(dim=2, keepdim=True) / present.sum(dim=2, keepdim=True)
         elif probs is not None:
             rows = probs[:, :, :1]
         else:

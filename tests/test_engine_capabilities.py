@@ -85,6 +85,31 @@ def test_per_image_counts_do_not_depend_on_the_batch(registered, tiny, sample_ba
         assert torch.all(batch.block_sizes[-1][index, own:] == 0)
 
 
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_wee_patch16_reg1_gap_256"])
+def test_per_image_counts_without_a_class_token(registered, name):
+    """A model without a class token scores by the mean attention each patch receives: padding
+    queries are left out of that mean, so an image keeps its tokens and logits alone as in a batch
+    (random weights: only the architecture matters)."""
+    import timm
+
+    registered(AboveMean)
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval().requires_grad_(False)
+    height, width = model.patch_embed.img_size
+    images = torch.randn(3, 3, height, width, generator=torch.Generator().manual_seed(1))
+    plan = ReductionPlan.make("test_above_mean", 1.0, (2, 3, 4))
+    batch = run(model, images, plan)
+    assert len(set(batch.image_token_counts[:, 2].tolist())) > 1, "the test needs images that keep different counts"
+    for index in range(images.shape[0]):
+        alone = run(model, images[index:index + 1], plan)
+        assert alone.image_token_counts[0].tolist() == batch.image_token_counts[index].tolist()
+        for one, many in zip(alone.stages, batch.stages):
+            assert torch.equal(one.patch_to_token[0], many.patch_to_token[index])
+            # the score each stage read (the mean attention received), padding queries left out
+            torch.testing.assert_close(one.cls_attention[0], many.cls_attention[index], atol=1e-7, rtol=1e-5, equal_nan=True)
+        torch.testing.assert_close(alone.logits[0], batch.logits[index], atol=1e-5, rtol=0)
+
+
 class BeforeAttention(Method):
     """Keep the top half by this block's class attention of the *unreduced* tokens, then let the block
     attend with the kept rows and columns of that same attention, renormalised (acts="attention")."""
