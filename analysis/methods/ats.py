@@ -208,19 +208,21 @@ class ATS(Method):
         """The official `softmax_with_policy` from the engine's softmax `probs` [B, H, N, N] (padding
         keys 0): with p_max the row maximum, e = p / p_max and sum e = 1 / p_max, so the official
         `(e + eps/N) / (sum e + eps)` is `(p / p_max + eps/n) / (1 / p_max + eps)`, n the image's own
-        token count (its N at batch 1); padding keys stay 0. Returns [B, H, N, N]."""
+        token count (its N at batch 1: prefix tokens included); padding keys stay 0. Returns [B, H, N, N]."""
         eps = float(ctx.params["eps"])
         if eps == 0.0:
             return probs
         batch, _, n_all, _ = probs.shape
-        if ctx.valid is None:
-            own = torch.full((batch,), float(n_all), dtype=probs.dtype, device=probs.device)
-        else:
-            own = ctx.valid.sum(dim=1).to(probs.dtype)
+        present = None
+        if ctx.valid is not None:
+            # probs cover the whole sequence: every prefix token (cls, registers) is present, then the patches
+            patches = ctx.valid[:, 1:]
+            present = torch.cat([patches.new_ones(batch, n_all - patches.shape[1]), patches], dim=1)
+        own = (torch.full((batch,), float(n_all), device=probs.device) if present is None else present.sum(dim=1)).to(probs.dtype)
         peak = probs.amax(dim=-1, keepdim=True)
         out = (probs / peak + eps / own[:, None, None, None]) / (1.0 / peak + eps)
-        if ctx.valid is not None:
-            out = out.masked_fill(~ctx.valid[:, None, None, :], 0.0)
+        if present is not None:
+            out = out.masked_fill(~present[:, None, None, :], 0.0)
         return out
 
     def assign(self, ctx: ReduceContext) -> TokenAssignment | None:
