@@ -13,6 +13,7 @@ import torch
 from analysis.engine import run
 from analysis.errors import PlanError
 from analysis.gmacs import flop_counter, plan_macs
+from analysis.methods import KINDS
 from analysis.methods.base import ReduceContext, keep_rate_counts
 from analysis.plan import ReductionPlan
 from analysis.registry import get_method
@@ -182,7 +183,6 @@ def test_one_stage_with_padding_matches_loop_reference(tiny, sample_batch):
         assert assignment.dest[b].tolist() == dest
         assert assignment.valid[b].tolist() == [True] * (1 + counts[b]) + [False] * (max(counts) - counts[b])
         kinds = ["cls"] + ["kept"] * counts[b] + ["pad"] * (max(counts) - counts[b])
-        from analysis.methods import KINDS
         assert [KINDS[c] for c in assignment.kinds[b].tolist()] == kinds
         assert assignment.notes[b] == f"kept {counts[b]} of {own[b] - 1} (196 draws)"
 
