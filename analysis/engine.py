@@ -185,7 +185,12 @@ def _block_features(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
     rows = None
     if want_rows:
         if not layout.has_cls:
-            rows = probs.mean(dim=2, keepdim=True)  # mean attention received, [B, H, 1, N]
+            if bias is None:
+                rows = probs.mean(dim=2, keepdim=True)  # mean attention received, [B, H, 1, N]
+            else:
+                # over the present queries only: padding (a -inf key in the mask) asks nothing
+                present = torch.isfinite(bias[:, 0, 0, :]).to(probs.dtype)[:, None, :, None]
+                rows = (probs * present).sum(dim=2, keepdim=True) / present.sum(dim=2, keepdim=True)
         elif probs is not None:
             rows = probs[:, :, :1]
         else:
@@ -338,6 +343,8 @@ def run(
 
     needs = frozenset(method.needs) if method is not None else frozenset()
     transform = getattr(method, "transform_attention", None) if method is not None else None
+    # a method may transform the attention of every block, not only its reducing ones (ctx.stage -1 there)
+    every_block = transform is not None and bool(getattr(method, "transform_every_block", False))
     for block_index, block in enumerate(model.blocks):
         layer = block_index + 1
         stage_index = layers.index(layer) if layer in layers else -1
@@ -350,7 +357,7 @@ def run(
                                  lambda: _bias(sizes, valid, proportional, x.dtype), lambda: x)
         else:
             block_transform = None
-            if reducing and transform is not None:
+            if transform is not None and (reducing or every_block):
                 block_transform = lambda probs, i=stage_index, b=block_index: method.transform_attention(probs, context(i, b, {}))  # noqa: E731
             x, features = _attention_residual(block, x, bias, needs if reducing else frozenset(), block_transform, layout)
             if reducing and method.acts == "inside":

@@ -230,8 +230,9 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
                 keep_rate=plan.keep_rate, params=params, acted=after != previous, stage=layers.index(layer), layer=layer, depth=depth,
             )
             entry.method_matmul, entry.method_elementwise, entry.method_distances = method_macs(plan.method, shape)
-            if method.acts == "inside":
-                # what the engine computes for the method's needs (e.g. q_cls k^T: (n + 1) d per head)
+            if method.acts == "inside" and getattr(method, "transform_attention", None) is None:
+                # what the engine computes for the method's needs (e.g. q_cls k^T: (n + 1) d per head);
+                # a method transforming the attention reads it from the matrix the block computes anyway
                 entry.method_matmul += needs_macs(frozenset(method.needs), n_attention, width, has_class_token)
         breakdown.blocks.append(entry)
         previous = after

@@ -85,6 +85,31 @@ def test_per_image_counts_do_not_depend_on_the_batch(registered, tiny, sample_ba
         assert torch.all(batch.block_sizes[-1][index, own:] == 0)
 
 
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_wee_patch16_reg1_gap_256"])
+def test_per_image_counts_without_a_class_token(registered, name):
+    """A model without a class token scores by the mean attention each patch receives: padding
+    queries are left out of that mean, so an image keeps its tokens and logits alone as in a batch
+    (random weights: only the architecture matters)."""
+    import timm
+
+    registered(AboveMean)
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval().requires_grad_(False)
+    height, width = model.patch_embed.img_size
+    images = torch.randn(3, 3, height, width, generator=torch.Generator().manual_seed(1))
+    plan = ReductionPlan.make("test_above_mean", 1.0, (2, 3, 4))
+    batch = run(model, images, plan)
+    assert len(set(batch.image_token_counts[:, 2].tolist())) > 1, "the test needs images that keep different counts"
+    for index in range(images.shape[0]):
+        alone = run(model, images[index:index + 1], plan)
+        assert alone.image_token_counts[0].tolist() == batch.image_token_counts[index].tolist()
+        for one, many in zip(alone.stages, batch.stages):
+            assert torch.equal(one.patch_to_token[0], many.patch_to_token[index])
+            # the score each stage read (the mean attention received), padding queries left out
+            torch.testing.assert_close(one.cls_attention[0], many.cls_attention[index], atol=1e-7, rtol=1e-5, equal_nan=True)
+        torch.testing.assert_close(alone.logits[0], batch.logits[index], atol=1e-5, rtol=0)
+
+
 class BeforeAttention(Method):
     """Keep the top half by this block's class attention of the *unreduced* tokens, then let the block
     attend with the kept rows and columns of that same attention, renormalised (acts="attention")."""
@@ -156,6 +181,59 @@ def test_transform_attention_changes_only_its_blocks(registered, tiny, sample_ba
         x = x + block.mlp(block.norm2(x))
         expected = model.forward_head(model.norm(x))
     torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=0)
+
+
+class SharpenEverywhere(Sharpen):
+    """Sharpen at every block (transform_every_block), keeping the top half by class attention at its
+    reducing layers; records the stage each transform saw."""
+
+    name = "test_sharpen_everywhere"
+    label = "test: sharpened attention in every block"
+    transform_every_block = True
+    seen: list = []
+
+    def transform_attention(self, probs, ctx):
+        self.seen.append((ctx.block_index, ctx.stage))
+        return super().transform_attention(probs, ctx)
+
+    def assign(self, ctx):
+        n = ctx.cls_attention.shape[1]
+        return keep_assignment(torch.topk(ctx.cls_attention, n // 2, dim=1).indices + 1, n + 1)
+
+
+def test_transform_every_block_and_its_gmacs(registered, tiny, sample_batch):
+    """transform_every_block: every block attends with the transformed attention (ctx.stage -1 off
+    the reducing layers); the class-attention row comes from that matrix, so GMACs count no extra
+    row and equal the flop counter's."""
+    from analysis.gmacs import flop_counter, needs_macs, plan_macs
+
+    method = registered(SharpenEverywhere)
+    method.seen.clear()
+    plan = ReductionPlan.make("test_sharpen_everywhere", 1.0, (6,))
+    images = sample_batch[:2]
+    result = run(tiny.model, images, plan)
+    assert method.seen == [(b, 0 if b == 5 else -1) for b in range(12)]
+    model = tiny.model
+    with torch.inference_mode():
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for index, block in enumerate(model.blocks):
+            attn = block.attn
+            b, n, c = x.shape
+            qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+            p = ((qkv[0] @ qkv[1].transpose(-2, -1)) * attn.scale).softmax(-1) ** 2
+            p = p / p.sum(-1, keepdim=True)
+            x = x + attn.proj((p @ qkv[2]).transpose(1, 2).reshape(b, n, c))
+            if index == 5:
+                kept = torch.topk(p.mean(1)[:, 0, 1:], 98, dim=1).indices + 1
+                x = torch.cat([x[:, :1], x.gather(1, kept.unsqueeze(-1).expand(-1, -1, c))], dim=1)
+            x = x + block.mlp(block.norm2(x))
+        expected = model.forward_head(model.norm(x))
+    torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=0)
+    macs = plan_macs(model, plan)
+    with flop_counter() as counter:
+        run(model, images[:1], plan, track=False)
+    assert macs.matmul == counter.get_total_flops() / 2
+    assert macs.blocks[5].method_matmul == 0.0 < needs_macs(method.needs, 197, 192)
 
 
 class SpreadHalf(Method):

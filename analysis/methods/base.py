@@ -432,6 +432,9 @@ class Method:
         A method may also define `transform_attention(probs [B, H, N, N], ctx) -> probs`: at its
         reducing blocks the attention is then computed explicitly and the transformed probabilities
         are used for the block's output and for `needs` (GTP-ViT's sparsified attention).
+        transform_every_block: True to apply `transform_attention` at every block, not only the
+            reducing ones (its `ctx.stage` is -1 at the others): a method whose network computes
+            its own attention everywhere (ATS's softmax with eps).
         default_layers: 1-based reducing layers, or None for every block.
         needs: what the engine must compute at a reducing block (a subset of `NEEDS`).
         params: the method's parameters.
@@ -450,6 +453,7 @@ class Method:
     default_layers: tuple[int, ...] | None = (4, 7, 10)
     needs: frozenset[str] = frozenset()
     uses_keep_rate: bool = True
+    transform_every_block: bool = False
     params: tuple[ParamSpec, ...] = ()
     colour: str | None = None
     marker: str | None = None
