@@ -86,6 +86,11 @@ def stage_r(params: dict, stage: int) -> float:
     return share if share > 0 else r_entry(params["r"], stage)
 
 
+def _working(tensor: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64 (the loop-reference tests); anything else is computed in float32."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def attraction(x: torch.Tensor, attention: torch.Tensor | None, sizes: torch.Tensor, tau_sim: float, tau_info: float,
                tau_size: float) -> torch.Tensor:
     """MCTF's multi-criteria attraction of every A token to every B token (paper eq. 3-6; methods.md
@@ -97,25 +102,25 @@ def attraction(x: torch.Tensor, attention: torch.Tensor | None, sizes: torch.Ten
         sizes: [B, N] float, original tokens held.
         tau_sim, tau_info, tau_size: temperatures; 0 switches a criterion off.
     Returns:
-        [B, ceil(N / 2), N // 2] float32 scores of A (even positions) against B (odd positions),
-        the cls row at -inf.
+        [B, ceil(N / 2), N // 2] scores of A (even positions) against B (odd positions), the cls row
+        at -inf; float32 (float64 for float64 inputs).
     """
-    metric = x.float()
+    metric = _working(x)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     if tau_sim:
         w_sim = a @ b.transpose(-1, -2)
         w_sim = ((w_sim + 1) / 2) ** (1 / tau_sim)
     else:
-        w_sim = torch.ones(a.shape[0], a.shape[1], b.shape[1], device=x.device)
+        w_sim = torch.ones(a.shape[0], a.shape[1], b.shape[1], dtype=metric.dtype, device=x.device)
     w_info: torch.Tensor | float = 1
     if tau_info > 0 and attention is not None:
-        info = 1 / attention.float().mean(dim=[1, 2])
+        info = 1 / _working(attention).mean(dim=[1, 2])
         info = info / info.max(1, keepdim=True)[0]
         w_info = (info[:, ::2, None] * info[:, 1::2, None].transpose(1, 2)) ** (1 / tau_info)
     w_size: torch.Tensor | float = 1
     if tau_size:
-        size = 1 / sizes.float()[..., None]
+        size = 1 / _working(sizes)[..., None]
         size = size / size.max(1, keepdim=True)[0]
         w_size = (size[:, ::2] * size[:, 1::2].transpose(1, 2)) ** (1 / tau_size)
     scores = w_sim * w_info * w_size
@@ -167,12 +172,13 @@ def merge_weights(attention: torch.Tensor, sizes: torch.Tensor, pooling: str) ->
     """[B, N] weights of the members' mean (`merge_wavg`): "attention_size" (pooling_type 1) the
     attention received (mean over heads and queries) times size / max size; "size" (0) the size;
     "mean" (3) 1. Raises ValueError for another pooling."""
+    attention, sizes = _working(attention), _working(sizes)
     if pooling == "attention_size":
-        return attention.float().mean(dim=[1, 2]) * (sizes.float() / sizes.float().amax(dim=1, keepdim=True))
+        return attention.mean(dim=[1, 2]) * (sizes / sizes.amax(dim=1, keepdim=True))
     if pooling == "size":
-        return sizes.float()
+        return sizes
     if pooling == "mean":
-        return torch.ones_like(sizes, dtype=torch.float32)
+        return torch.ones_like(sizes)
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
 
 
@@ -184,12 +190,12 @@ def reduced_attention(attention: torch.Tensor, dest: torch.Tensor, share: torch.
         attention: [B, H, N, N] post-softmax attention of the unreduced tokens.
         dest: [B, N] output token of every token; share: [B, N] its weight / its group's weight sum.
     Returns:
-        [B, H, n_out, n_out] float32; each row still sums to 1.
+        [B, H, n_out, n_out] float32 (float64 for float64 attention); each row still sums to 1.
     """
     batch, heads, n, _ = attention.shape
-    attention = attention.float()
+    attention = _working(attention)
     columns = attention.new_zeros(batch, heads, n, n_out).scatter_add_(3, dest[:, None, None, :].expand(batch, heads, n, n), attention)
-    rows = columns * share.float()[:, None, :, None]
+    rows = columns * share.to(attention.dtype)[:, None, :, None]
     return attention.new_zeros(batch, heads, n_out, n_out).scatter_add_(2, dest[:, None, :, None].expand(batch, heads, n, n_out), rows)
 
 
