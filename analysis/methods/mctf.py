@@ -1,7 +1,7 @@
 """MCTF: multi-criteria token fusion, training-free (Lee et al., CVPR 2024; methods.md §12).
 
 MCTF merges tokens in pairs chosen by a bipartite matching whose score multiplies three criteria
-(paper eq. 3-6): similarity, informativeness and size. It acts on the block input, with the
+(paper §3.2): similarity, informativeness and size. It acts on the block input, with the
 "one-step-ahead" attention: the block's own attention of the unreduced tokens gives the
 informativeness, and that attention, reduced like the tokens, is what the rest of the block uses
 (`acts = "attention"`). This is what the official code runs (mlvlab/MCTF at 2004da0,
@@ -10,7 +10,7 @@ informativeness, and that attention, reduced like the tokens, is what the rest o
 
 1. The tokens x [B, N, C] entering the block (cls at 0) split by position: A = even positions
    (cls included), B = odd positions.
-2. Attraction of A token i to B token j (paper eq. 6), on the L2-normalised block input:
+2. Attraction of A token i to B token j (paper §3.2), on the L2-normalised block input:
    `W = W_sim * W_info * W_size` with
    `W_sim = ((cos(x_i, x_j) + 1) / 2) ** (1 / tau_sim)`,
    `W_info = (I_i I_j) ** (1 / tau_info)`, `I = 1 / a` divided by its maximum over the image, `a` the
@@ -93,7 +93,7 @@ def _working(tensor: torch.Tensor) -> torch.Tensor:
 
 def attraction(x: torch.Tensor, attention: torch.Tensor | None, sizes: torch.Tensor, tau_sim: float, tau_info: float,
                tau_size: float) -> torch.Tensor:
-    """MCTF's multi-criteria attraction of every A token to every B token (paper eq. 3-6; methods.md
+    """MCTF's multi-criteria attraction of every A token to every B token (paper §3.2; methods.md
     §12, step 2), written as `bipartite_soft_matching` computes it.
 
     Args:
