@@ -405,3 +405,18 @@ def test_refused_on_a_model_with_more_prefix_tokens():
 
     assert "prefix tokens" in layout_reason(get_method("mctf"), Layout(5, True))
     assert layout_reason(get_method("mctf"), Layout(1, True)) is None
+
+
+def test_stages_draw_merge_groups(tiny, sample_files):
+    """Every MCTF stage is drawn as merge groups over the photo (the shared picture code, nothing of its own)."""
+    from analysis.models import load_image, preprocess
+    from analysis.provenance import StageRecord
+    from viz.overlays import stage_view, suggested_view
+
+    photo = load_image(sample_files[7])
+    result = run(tiny.model, preprocess([photo], tiny.model), ReductionPlan.make("mctf", 1.0, FAST["layers"], r_share=0.35))
+    for stage in result.stages:
+        record = StageRecord.from_stage(stage, 0)
+        assert suggested_view(record) == "merge"
+        picture = stage_view(photo.resize((224, 224)), record, (14, 14))
+        assert picture.width >= 224 and picture.height >= 224
