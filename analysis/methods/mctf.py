@@ -250,7 +250,7 @@ class MCTF(Method):
         ParamSpec(
             "r", 16, "int_list",
             "Tokens merged per reducing block: one number or a comma list, one per reducing layer. The official DeiT-T eval "
-            "merges 16 at blocks 2-12; at most (N-1)//2 and N-10 of N tokens (the official cap).",
+            "merges 16 at blocks 2-12. Capped at (N-1)//2 of N tokens, and at least 10 tokens remain (the official caps).",
             minimum=0,
         ),
         ParamSpec(
