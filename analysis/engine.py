@@ -539,16 +539,17 @@ def run_token_count_twin(model: torch.nn.Module, images: torch.Tensor, counts: l
         model: a timm VisionTransformer with one class token (not modified).
         images: [B, 3, H, W] normalised input on the model's device.
         counts: tokens (cls included) leaving each block, e.g. `Result.token_counts`; one per block.
-        acts: "inside" (cut after the attention residual, as EViT / ToMe / TPS / BAT do) or
-            "before" (cut the block input, as DynamicViT / dTPS do).
+        acts: "inside" (cut after the attention residual, as EViT / ToMe / TPS / BAT do),
+            "before" (cut the block input, as DynamicViT / dTPS do) or "attention" (a method acting
+            on the block's own attention: cut the block input too, the least such a block can cost).
     Returns:
         [B, classes] float32 logits.
     Raises:
-        PlanError: `counts` has the wrong length, a count grows, or `acts` is neither "inside"
-            nor "before".
+        PlanError: `counts` has the wrong length, a count grows, or `acts` is not "inside",
+            "before" or "attention".
     """
-    if acts not in ("inside", "before"):
-        raise PlanError(f"acts must be 'inside' or 'before', got {acts!r}")
+    if acts not in ("inside", "before", "attention"):
+        raise PlanError(f"acts must be 'inside', 'before' or 'attention', got {acts!r}")
     depth = len(model.blocks)
     if len(counts) != depth:
         raise PlanError(f"the twin needs one token count per block ({depth}), got {len(counts)}")
@@ -556,7 +557,7 @@ def run_token_count_twin(model: torch.nn.Module, images: torch.Tensor, counts: l
     for block, count in zip(model.blocks, counts):
         if count > x.shape[1]:
             raise PlanError(f"token counts must not grow: {count} after {x.shape[1]}")
-        if acts == "before" and count < x.shape[1]:
+        if acts in ("before", "attention") and count < x.shape[1]:
             x = x[:, :count].contiguous()
         x, _ = _attention_residual(block, x, None)
         if acts == "inside" and count < x.shape[1]:

@@ -4,7 +4,10 @@ Convention: one multiply-add = one MAC (fvcore / torchprofile; what the papers c
 image. Counted, per block, from the token count the attention and the MLP really see:
 
 - attention projections: `qkv` (N C 3C) and `proj` (N C C), from the modules' real shapes;
-- attention products: Q K^T and P V, `2 N^2 C` (all heads together);
+- attention products: Q K^T and P V, `2 N^2 C` (all heads together); a method acting on the block's
+  own attention (`acts = "attention"`) reads Q K^T of the unreduced tokens and hands its reduced
+  attention to P V, so q, k and Q K^T count at the tokens entering the block, v, P V and the
+  projection at the reduced count (a method that hands no attention on is not counted apart);
 - MLP: `fc1` and `fc2` (N C 4C each for ViT);
 - the patch embedding (a convolution) and the classifier head;
 - the class-attention row at a reducing block of a method that scores by it (`(N) C`);
@@ -223,6 +226,13 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
         entry = BlockMACs(layer=layer, tokens_attention=n_attention, tokens_mlp=after)
         entry.attention_linear = n_attention * (_linear_macs(attn.qkv) + _linear_macs(attn.proj))
         entry.attention_products = 2.0 * n_attention * n_attention * width
+        if reducing and method.acts == "attention":
+            # The block's attention of the unreduced tokens (q, k and Q K^T at the count entering the
+            # block), then values, P V and the projection at the reduced count with the attention the
+            # method hands on (engine._attention_stage).
+            qk = attn.qkv.in_features * 2.0 * width
+            entry.attention_linear = previous * qk + after * (_linear_macs(attn.qkv) - qk + _linear_macs(attn.proj))
+            entry.attention_products = (previous * previous + after * after) * float(width)
         entry.mlp = after * sum(_linear_macs(m) for m in block.mlp.modules() if isinstance(m, torch.nn.Linear))
         if reducing:
             shape = StageShape(

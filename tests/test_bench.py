@@ -119,9 +119,10 @@ def test_keep_rate_one_equals_dense(tiny, sample_batch, dense_result, method):
 
 def test_bench_forms_no_n_by_n_attention(tiny, monkeypatch):
     """Spy on every softmax entry point and on SDPA while the benchmark runs every registered
-    method that runs off the shelf: no softmax over an N x N (N > 1) matrix, and the attention of
+    method that runs off the shelf and does not read the full attention matrix by design (`needs`
+    "attention" or acts="attention"): no softmax over an N x N (N > 1) matrix, and the attention of
     every block goes through the fused `scaled_dot_product_attention`. A method that transforms the
-    attention (`transform_attention`) forms the matrix it transforms by design and is left out."""
+    attention (`transform_attention`) forms the matrix it transforms by design and is left out too."""
     softmax_shapes: list[tuple[int, ...]] = []
     sdpa_calls: list[tuple[int, ...]] = []
 
@@ -136,6 +137,7 @@ def test_bench_forms_no_n_by_n_attention(tiny, monkeypatch):
     monkeypatch.setattr(F, "softmax", spy(F.softmax, softmax_shapes))
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy(F.scaled_dot_product_attention, sdpa_calls))
     runnable = [name for name, method in METHODS.items() if method.unavailable_reason(tiny.extras) is None
+                and "attention" not in method.needs and method.acts != "attention"
                 and getattr(method, "transform_attention", None) is None]
     settings = make_settings(runnable, [0.7], [13])
     rows = run_benchmark(tiny, settings, BenchConfig(batch_sizes=(2,), warmup=0, repeats=1, memory=False, sdpa=False))
@@ -232,9 +234,12 @@ def test_token_count_twin_follows_the_counts_where_the_method_cuts(tiny, sample_
     seen.clear()
     engine.run_token_count_twin(tiny.model, sample_batch, evit.token_counts, "before")
     assert seen == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3
+    seen.clear()
+    engine.run_token_count_twin(tiny.model, sample_batch, evit.token_counts, "attention")
+    assert seen == [197] * 3 + [140] * 3 + [100] * 3 + [72] * 3  # acting on its own attention: the input is cut
     with pytest.raises(engine.PlanError, match="one token count per block"):
         engine.run_token_count_twin(tiny.model, sample_batch, [197] * 11)
-    with pytest.raises(engine.PlanError, match="acts must be 'inside' or 'before'"):
+    with pytest.raises(engine.PlanError, match="acts must be 'inside', 'before' or 'attention'"):
         engine.run_token_count_twin(tiny.model, sample_batch, evit.token_counts, "Before")
     with pytest.raises(engine.PlanError, match="must not grow"):
         engine.run_token_count_twin(tiny.model, sample_batch, [100] + [150] * 11)

@@ -147,6 +147,24 @@ def test_acting_on_the_blocks_own_attention(registered, tiny, sample_batch):
     assert (handed.logits - dense.logits).abs().max() > 1e-2  # it did reduce
 
 
+def test_gmacs_of_a_block_acting_on_its_own_attention(registered, tiny, sample_batch):
+    """acts="attention" with the attention handed on: q, k and Q K^T at the tokens entering the block,
+    v, P V and the projection at the reduced count; plan_macs equals FlopCounterMode's count."""
+    from analysis.gmacs import flop_counter, plan_macs
+
+    registered(BeforeAttention)
+    plan = ReductionPlan.make("test_before_attention", 1.0, (4, 8))
+    counter = flop_counter()
+    with counter:
+        result = run(tiny.model, sample_batch[:1], plan, track=False)
+    breakdown = plan_macs(tiny.model, plan, counts=result.token_counts)
+    assert breakdown.matmul == counter.get_total_flops() / 2
+    block = breakdown.blocks[3]
+    assert (block.tokens_attention, block.tokens_mlp) == (197, 99)
+    assert block.attention_products == (197 * 197 + 99 * 99) * 192
+    assert block.attention_linear == 197 * 192 * 384 + 99 * (192 * 192 + 192 * 192)
+
+
 class Sharpen(Method):
     """Square every attention probability and renormalise (transform_attention), at its layers only."""
 
