@@ -1,4 +1,5 @@
-"""EViT: keep the attentive tokens, fuse the inattentive ones (Liang et al., ICLR 2022; methods.md §2)."""
+"""EViT: keep the attentive tokens, fuse the inattentive ones (Liang et al., ICLR 2022; methods.md §2),
+and Top-K, EViT's selection without the fused token (methods.md §15)."""
 from __future__ import annotations
 
 import torch
@@ -44,12 +45,32 @@ class EViT(Method):
         if kept.shape[1] == n:
             return None
         fuse_weight = None
-        if ctx.params["fuse"]:
+        if ctx.params.get("fuse", False):
             fuse_weight = torch.cat([attention.new_ones(attention.shape[0], 1), attention], dim=1)
         return keep_assignment(kept, n + 1, fuse_weight)
 
     def own_macs(self, shape: StageShape) -> tuple[float, float]:
         """The fused token's weighted sum: one multiply-add per channel of every pruned token."""
-        if not (shape.acted and shape.params.get("fuse", True)):
+        if not (shape.acted and shape.params.get("fuse", False)):
             return 0.0, 0.0
         return 0.0, float((shape.n_in - kept_count(shape.keep_rate, shape.n_in)) * shape.channels)
+
+
+@register
+class TopK(EViT):
+    """Top-K (Haurum et al., "Which Tokens to Use? Investigating Token Reduction in Vision
+    Transformers", ICCV 2023 Workshops; methods.md §15): keep the `ceil(keep_rate * n)` tokens with
+    the highest class attention, drop the rest. That is exactly EViT's selection without the fused
+    token (`select_attentive`, output `[cls, kept by descending class attention]`), so Top-K is a
+    preset of EViT with no parameters: the same code, `fuse` off. Haurum et al. found Top-K and EViT
+    hard to beat among off-the-shelf token reduction methods."""
+
+    name = "topk"
+    rank = 11
+    in_default_sweep = False
+    label = "Top-K"
+    paper = "Top-K, Haurum et al., \"Which Tokens to Use?\", ICCVW 2023"
+    colour = "#17becf"
+    marker = "<"
+    params = ()
+    comparison = (ComparisonEntry("pruning", 1, "Top-K"),)
