@@ -188,7 +188,7 @@ class ZeroTPrune(Method):
         """v_min must not exceed v_max."""
         params = plan.param_dict()
         if params["v_min"] > params["v_max"]:
-            raise PlanError(f"Zero-TPrune: v_min ({params['v_min']:g}) must not exceed v_max ({params['v_max']:g})")
+            raise PlanError(f"{self.label}: v_min ({params['v_min']:g}) must not exceed v_max ({params['v_max']:g})")
 
     def own_macs(self, shape: StageShape) -> tuple[float, float]:
         """Per image at one stage (methods.md §17): the PageRank's `iterations` products of an N-vector
