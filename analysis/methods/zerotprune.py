@@ -127,7 +127,10 @@ def zerotprune_keep(importance: torch.Tensor, features: torch.Tensor, keep_rate:
     metric = F.normalize(features.float().gather(1, survivors.unsqueeze(-1).expand(-1, -1, features.shape[-1])), dim=-1)
     similarity = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)  # [B, |A|, |B|] cosine
     best = similarity.amax(dim=2)  # every A token's closest important token
-    drop = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r_s]  # ties: the more important A token
+    # the r_S most similar A tokens go; equal similarities: the less important A token first (a stable
+    # sort over A in reverse importance order)
+    last = best.shape[1] - 1
+    drop = last - torch.sort(best.flip(1), dim=1, descending=True, stable=True).indices[:, :r_s]
     keep = torch.ones(batch, m, dtype=torch.bool, device=importance.device)
     keep.scatter_(1, a_pos[drop], False)
     # the survivors that stay, still in importance order (a stable sort puts the kept ranks first)
