@@ -48,7 +48,7 @@ class RandomPruning(Method):
         ParamSpec("seed", 0, "int",
                   "Seed of the random kept set: the same seed keeps the same token positions on every run, device and batch "
                   "(a sweep given a comma list, e.g. 0,1,2, runs each seed; the figures show their mean).",
-                  minimum=0, maximum=2 ** 40),
+                  minimum=0, maximum=2 ** 40, averaged=True),
     )
 
     def assign(self, ctx: ReduceContext) -> TokenAssignment | None:
