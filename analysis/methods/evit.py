@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..plan import ReductionPlan
 from .base import ComparisonEntry, Method, ParamSpec, ReduceContext, StageShape, TokenAssignment, keep_assignment, kept_count, register
 
 
@@ -56,14 +57,28 @@ class EViT(Method):
         return 0.0, float((shape.n_in - kept_count(shape.keep_rate, shape.n_in)) * shape.channels)
 
 
+COUNTS = ("power", "evit")
+
+
+def power_count(keep_rate: float, stage: int, num_patches: int) -> int:
+    """`int(num_patches * keep_rate ** (stage + 1))`, at least 1: the official Top-K code's kept count
+    at 0-based stage s (Haurum et al.'s `models/topk.py`: `left_tokens = int(keep_rate * init_n)`
+    with `init_n = 14 * 14` and a single keep rate raised to the power s + 1; 137, 96, 67 of 196 at 0.7)."""
+    return max(1, int(num_patches * keep_rate ** (stage + 1)))
+
+
 @register
 class TopK(EViT):
     """Top-K (Haurum et al., "Which Tokens to Use? Investigating Token Reduction in Vision
-    Transformers", ICCV 2023 Workshops; methods.md §15): keep the `ceil(keep_rate * n)` tokens with
-    the highest class attention, drop the rest. That is exactly EViT's selection without the fused
-    token (`select_attentive`, output `[cls, kept by descending class attention]`), so Top-K is a
-    preset of EViT with no parameters: the same code, `fuse` off. Haurum et al. found Top-K and EViT
-    hard to beat among off-the-shelf token reduction methods."""
+    Transformers", ICCV 2023 Workshops; official code JoakimHaurum/TokenReduction `models/topk.py`;
+    methods.md §15): keep the tokens with the highest head-averaged class attention, by descending
+    attention, drop the rest. Haurum et al. found Top-K and EViT hard to beat.
+
+    It is EViT's selection without the fused token (`select_attentive`, same tie order, same output
+    order) except for the kept count: the official code keeps `int(P * rho^s)` of the P original
+    patches at stage s = 1, 2, 3 (`count="power"`, the default), EViT `ceil(rho n)` of the n present
+    (`count="evit"`, which is exactly EViT with fuse off). `budget` uses "evit", whose counts are the
+    keep rate's budget by definition."""
 
     name = "topk"
     rank = 11
@@ -72,5 +87,28 @@ class TopK(EViT):
     paper = "Top-K, Haurum et al., \"Which Tokens to Use?\", ICCVW 2023"
     colour = "#17becf"
     marker = "<"
-    params = ()
+    params = (
+        ParamSpec("count", "power", "choice",
+                  "Kept tokens at stage s: power = int(P * rho^s) of the P original patches (the official Top-K code: "
+                  "137, 96, 67 at 0.7), evit = ceil(rho n) of the n present (EViT without fusion: 138, 97, 68).",
+                  choices=COUNTS),
+    )
     comparison = (ComparisonEntry("pruning", 1, "Top-K"),)
+
+    def assign(self, ctx: ReduceContext) -> TokenAssignment | None:
+        """Top-K at one stage: [cls, kept (descending class attention)]; the others are dropped."""
+        if ctx.params["count"] == "evit":
+            return super().assign(ctx)
+        attention = ctx.cls_attention
+        n = attention.shape[1]
+        k = min(n, power_count(ctx.keep_rate, ctx.stage, ctx.num_patches))
+        if k == n:
+            return None
+        kept = torch.topk(attention, k, dim=1, largest=True, sorted=True).indices + 1
+        return keep_assignment(kept, n + 1)
+
+    def budget(self, keep_rate: float, depth: int, n0: int, *, layers=None, schedule: str = "constant",
+               target_counts=None) -> ReductionPlan:
+        """Top-K at a keep rate's budget: `count="evit"`, whose counts are `keep_rate_counts` (the
+        official power schedule keeps one token fewer per stage at 0.7)."""
+        return ReductionPlan.make(self.name, keep_rate, None if layers is None else tuple(layers), count="evit")
