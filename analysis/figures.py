@@ -175,6 +175,16 @@ def pick_keep_rate(rows: Sequence[dict[str, Any]], wanted: float | None = None) 
     return min(reduced, key=lambda rate: (abs(rate - 0.7), -rate))
 
 
+def _hollow(marker: str, colour: str) -> dict[str, Any]:
+    """The open version of a marker: a filled marker's outline; a line marker ("x", "+"), which has
+    no face, drawn faint instead (an edge colour alone would leave it invisible)."""
+    from matplotlib.markers import MarkerStyle
+
+    if MarkerStyle(marker).is_filled():
+        return {"facecolors": "none", "edgecolors": colour}
+    return {"color": colour, "alpha": 0.35}
+
+
 def figure_diversity(rows: Sequence[dict[str, Any]], keep_rate: float | None = None, per_token: bool = False):
     """Mean r(Z) per block at one keep rate (left; reducing layers filled), top-1 vs keep rate (right)."""
     from viz.palette import method_colour, method_marker
@@ -196,7 +206,7 @@ def figure_diversity(rows: Sequence[dict[str, Any]], keep_rate: float | None = N
             left.plot(blocks, values, color=colour, label=_label(row), lw=1.2)
             filled = np.array([b in reducing for b in blocks])
             left.scatter(blocks[filled], values[filled], color=colour, marker=marker, s=18, zorder=3)
-            left.scatter(blocks[~filled], values[~filled], facecolors="none", edgecolors=colour, marker=marker, s=14, zorder=3)
+            left.scatter(blocks[~filled], values[~filled], marker=marker, s=14, zorder=3, **_hollow(marker, colour))
         by_rate = sorted(group, key=lambda r: r["keep_rate"])
         right.plot([r["keep_rate"] for r in by_rate], [r["top1"] for r in by_rate], marker=marker, color=colour, ms=4)
         right.axvline(rate, color="#999999", lw=0.6, ls=":")
