@@ -214,3 +214,19 @@ def test_bad_parameters_give_a_one_line_plan_error(params, message):
     with pytest.raises(PlanError, match=message) as err:
         ReductionPlan.make("zerotprune", 0.7, **params).validate(12)
     assert "\n" not in str(err.value)
+
+
+def test_the_full_attention_is_formed_only_at_the_reducing_blocks(tiny, sample_batch, monkeypatch):
+    """`needs = {"attention"}`: the engine forms the N x N softmax at the 3 reducing blocks only
+    (the other blocks stay on the fused attention)."""
+    shapes: list[tuple[int, ...]] = []
+    original = torch.Tensor.softmax
+
+    def spy(tensor, *args, **kwargs):
+        shapes.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "softmax", spy)
+    run(tiny.model, sample_batch[:2], ReductionPlan.make("zerotprune", 0.7), track=False)
+    square = [shape for shape in shapes if len(shape) == 4 and shape[-1] == shape[-2] > 1]
+    assert square == [(2, 3, 197, 197), (2, 3, 139, 139), (2, 3, 98, 98)]
