@@ -104,7 +104,7 @@ def test_gmacs_match_the_flop_counter(tiny):
         run(tiny.model, image, plan, track=False)
     assert macs.matmul == pytest.approx(counter.get_total_flops() / 2, rel=1e-6)
     # no score at all: cheaper than Top-K (no class-attention row) at the same counts
-    assert macs.total < plan_macs(tiny.model, ReductionPlan.make("topk", 0.5)).total
+    assert macs.total < plan_macs(tiny.model, ReductionPlan.make("topk", 0.5, count="evit")).total
 
 
 def test_budget_is_the_method_at_the_keep_rate():
