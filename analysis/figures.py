@@ -9,6 +9,8 @@
    with `viz.overlays.merge_groups_view` from the engine's provenance;
 4. `table.{csv,md,tex}`: method, keep rate, setting, top-1, top-5, params (M), GMACs, GMACs
    reduction (%), images/s, like the papers' tables.
+Rows that differ only in a seed-like parameter (`ParamSpec.averaged`) are drawn and tabled as their
+mean (`average_repeats`).
 Vector PDF and SVG, and PNG at 300 dpi; one fixed colour per method (`viz.palette`).
 """
 from __future__ import annotations
@@ -51,6 +53,54 @@ def model_rows(content: dict[str, Any], model: str | None = None) -> list[dict[s
     if not chosen:
         raise FiguresError(f"the results hold no rows for model {model} (they have: {', '.join(sorted({r['model'] for r in rows}))})")
     return chosen
+
+
+def _averaged_params(method: str) -> set[str]:
+    """The parameters of `method` marked `averaged` (a seed); none for a method not registered here."""
+    from .registry import get_method
+
+    try:
+        return {spec.name for spec in get_method(method).params if spec.averaged}
+    except TokenscopeError:
+        return set()
+
+
+def _mean_value(values: list[Any]) -> Any:
+    """The mean of numbers, the element-wise mean of equally long lists of numbers, else the first."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if all(number(v) for v in values):
+        return float(np.mean(values))
+    if all(isinstance(v, list) and v and all(number(x) for x in v) for v in values) and len({len(v) for v in values}) == 1:
+        return [float(x) for x in np.mean(np.asarray(values, dtype=float), axis=0)]
+    return values[0]
+
+
+def average_repeats(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows that differ only in `averaged` parameters (seeds, `ParamSpec.averaged`) of one method at
+    one keep rate become one row: the mean of every number and of every list of numbers (top-1,
+    GMACs, token counts, r(Z) per block), the parameter as the list of its values, the label with
+    "(mean of n)", `n_repeats` = n. Other rows are returned as they are, in their order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        averaged = _averaged_params(row["method"])
+        fixed = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in (row.get("params") or {}).items() if k not in averaged))
+        groups.setdefault((row.get("model"), row["method"], row["keep_rate"], fixed), []).append(row)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        mean = {key: _mean_value([row.get(key) for row in group]) for key in group[0]}
+        averaged = _averaged_params(group[0]["method"])
+        params = dict(group[0].get("params") or {})
+        for name in averaged:
+            if any(name in (row.get("params") or {}) for row in group):
+                params[name] = [(row.get("params") or {}).get(name) for row in group]
+        mean.update(params=params, label=f"{_label(group[0])} (mean of {len(group)})", n_repeats=len(group),
+                    method=group[0]["method"], keep_rate=group[0]["keep_rate"], n_images=group[0].get("n_images", 0))
+        out.append(mean)
+    return out
 
 
 def _groups(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -125,6 +175,16 @@ def pick_keep_rate(rows: Sequence[dict[str, Any]], wanted: float | None = None) 
     return min(reduced, key=lambda rate: (abs(rate - 0.7), -rate))
 
 
+def _hollow(marker: str, colour: str) -> dict[str, Any]:
+    """The open version of a marker: a filled marker's outline; a line marker ("x", "+"), which has
+    no face, drawn faint instead (an edge colour alone would leave it invisible)."""
+    from matplotlib.markers import MarkerStyle
+
+    if MarkerStyle(marker).is_filled():
+        return {"facecolors": "none", "edgecolors": colour}
+    return {"color": colour, "alpha": 0.35}
+
+
 def figure_diversity(rows: Sequence[dict[str, Any]], keep_rate: float | None = None, per_token: bool = False):
     """Mean r(Z) per block at one keep rate (left; reducing layers filled), top-1 vs keep rate (right)."""
     from viz.palette import method_colour, method_marker
@@ -146,7 +206,7 @@ def figure_diversity(rows: Sequence[dict[str, Any]], keep_rate: float | None = N
             left.plot(blocks, values, color=colour, label=_label(row), lw=1.2)
             filled = np.array([b in reducing for b in blocks])
             left.scatter(blocks[filled], values[filled], color=colour, marker=marker, s=18, zorder=3)
-            left.scatter(blocks[~filled], values[~filled], facecolors="none", edgecolors=colour, marker=marker, s=14, zorder=3)
+            left.scatter(blocks[~filled], values[~filled], marker=marker, s=14, zorder=3, **_hollow(marker, colour))
         by_rate = sorted(group, key=lambda r: r["keep_rate"])
         right.plot([r["keep_rate"] for r in by_rate], [r["top1"] for r in by_rate], marker=marker, color=colour, ms=4)
         right.axvline(rate, color="#999999", lw=0.6, ls=":")
@@ -352,7 +412,8 @@ def write_figures(results: str | Path | dict[str, Any], out: str | Path, images:
         SweepError / FiguresError for unreadable results or bad options.
     """
     content = results if isinstance(results, dict) else load_results(results)
-    rows = model_rows(content, model)
+    all_rows = model_rows(content, model)
+    rows = average_repeats(all_rows)  # several seeds of one setting: their mean (the grid draws the first)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     plt = _mpl()
@@ -381,7 +442,7 @@ def write_figures(results: str | Path | dict[str, Any], out: str | Path, images:
 
             loaded = load_model(rows[0]["model"], config.get("weights", "pretrained"))
         unreadable: list[str] = []
-        fig = figure_grid(loaded, rows, paths, keep_rate, rows[0].get("crop_pct"), skipped=unreadable)
+        fig = figure_grid(loaded, all_rows, paths, keep_rate, rows[0].get("crop_pct"), skipped=unreadable)
         skipped_images += unreadable
         written += _save(fig, out, "grid")
         plt.close(fig)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -86,7 +87,9 @@ class SweepConfig:
         data: the dataset folder; labels: optional ground-truth file (flat layout).
         model, weights, device: as `load_model`.
         methods: method names ("none" = dense); keep_rates: each in (0, 1].
-        method_params: per method, parameters set by the user ({"bat": {"beta": 0.3}}).
+        method_params: per method, parameters set by the user ({"bat": {"beta": 0.3}}); a list
+            for a parameter that is not itself a list (`int_list`) runs one setting per value
+            ({"rand": {"seed": [0, 1, 2]}}; several lists: every combination).
         crop_pct: centre-crop fraction (None: the model's timm data config).
         limit: at most this many images (evenly spaced, see `LabelledFiles.subset`).
         batch_size, workers: the DataLoader's.
@@ -148,14 +151,25 @@ def build_settings(methods: tuple[str, ...], keep_rates: tuple[float, ...], load
         reason = method_unavailable(method, loaded.model, loaded.extras)
         if reason:
             raise SweepError(f"{method.label} cannot run in this sweep: {reason}")
-        user = dict((method_params or {}).get(name, {}))
-        for rate in keep_rates:
-            plan = method.budget(float(rate), depth, n0, schedule=schedule)
-            if user:
-                plan = ReductionPlan.make(plan.method, plan.keep_rate, plan.layers, **{**dict(plan.params), **user})
-            plan.validate(depth)
-            settings.append(Setting(name, float(rate), plan))
+        for user in user_variants(method, (method_params or {}).get(name, {})):
+            for rate in keep_rates:
+                plan = method.budget(float(rate), depth, n0, schedule=schedule)
+                if user:
+                    plan = ReductionPlan.make(plan.method, plan.keep_rate, plan.layers, **{**dict(plan.params), **user})
+                plan.validate(depth)
+                settings.append(Setting(name, float(rate), plan))
     return settings
+
+
+def user_variants(method, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The user's parameters of one method as a list of settings: a list value for a parameter that
+    is not itself a list (`int_list`) is several values, one setting each (every combination of
+    several such lists, in the order given)."""
+    names = [key for key, value in params.items() if isinstance(value, list) and
+             not (method.param(key) is not None and method.param(key).kind == "int_list")]
+    if not names:
+        return [dict(params)]
+    return [{**params, **dict(zip(names, values))} for values in itertools.product(*(params[key] for key in names))]
 
 
 def setting_key(config: SweepConfig, setting: Setting, data_root: Path) -> str:

@@ -83,12 +83,15 @@ def add_method_param_args(parser: argparse.ArgumentParser) -> None:
                 qualified.add_argument(_flag(method.name, spec.name), dest=dest, default=None, metavar=spec.name.upper(), help=text)
 
 
-def method_params_from_args(args: argparse.Namespace, method_name: str, chosen: Iterable[str] = ()) -> dict[str, Any]:
+def method_params_from_args(args: argparse.Namespace, method_name: str, chosen: Iterable[str] = (),
+                            many: bool = False) -> dict[str, Any]:
     """The parameters of `method_name` that the user set explicitly, parsed and validated.
 
     Args:
         chosen: every method of the command (a sweep's list); a bare flag whose name two of them
             declare with different specs is ambiguous.
+        many: a comma list given to a parameter that is not itself a list (`int_list`) is several
+            values, returned as a list, one sweep setting each (`--seed 0,1,2`).
     Raises:
         PlanError: an unknown method, a bad value (naming the flag), or an ambiguous bare flag.
     """
@@ -113,6 +116,10 @@ def method_params_from_args(args: argparse.Namespace, method_name: str, chosen: 
         if value is None:
             continue
         try:
+            items = [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else []
+            if many and spec.kind not in ("int_list", "bool") and len(items) > 1:
+                values[spec.name] = [spec.parse(item) for item in items]
+                continue
             values[spec.name] = spec.parse(value)
         except ValueError as err:
             raise PlanError(f"{flag}: {err}") from None

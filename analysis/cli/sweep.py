@@ -18,6 +18,8 @@ DEFAULT_KEEP_RATES = "1.0,0.9,0.8,0.7,0.6,0.5"
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("sweep", help="accuracy, GMACs, diversity and throughput per method and keep rate over a labelled folder",
+                                   description="A method parameter given a comma list (e.g. --seed 0,1,2) runs one setting per value; "
+                                               "the figures and table average the values of a seed-like parameter.",
                                    allow_abbrev=False)
     parser.add_argument("--data", required=True, help="ImageNet-style folder: WordNet-id folders, index folders, flat images + a 'filename index' file, "
                              "or tar shards read in place (a .tar, a folder of them, or a pattern such as 'val-{000000..000049}.tar')")
@@ -47,7 +49,7 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     methods = tuple(comma_list(args.methods, str, "--methods", SweepError))
-    params = {name: method_params_from_args(args, name, methods) for name in methods if name != "none"}
+    params = {name: method_params_from_args(args, name, methods, many=True) for name in methods if name != "none"}
     config = SweepConfig(
         data=args.data, labels=args.labels, model=args.model, weights=args.weights, device=args.device,
         methods=methods, method_params={name: values for name, values in params.items() if values},

@@ -259,6 +259,9 @@ class ParamSpec:
     """One method parameter: the app's widget and the CLI flag are built from it.
 
     `kind` is "float", "int", "bool", "choice" or "int_list" (an int or a comma list, e.g. ToMe's r).
+    `averaged` marks a parameter whose values are repeats of one setting (a random seed): a sweep
+    given several values runs each, and the figures and table show the mean over them
+    (`figures.average_repeats`).
     """
 
     name: str
@@ -268,6 +271,7 @@ class ParamSpec:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[Any, ...] = ()
+    averaged: bool = False
 
     def parse(self, value: Any) -> Any:
         """Convert and validate a user value. Raises ValueError with a one-line reason."""
