@@ -111,3 +111,12 @@ def test_a_bug_in_a_command_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(inspect_cli, "main", broken)
     with pytest.raises(KeyError, match="top1"):
         main(["inspect", str(ROOT / "assets" / "cat.jpg")])
+
+
+def test_every_method_has_its_own_colour():
+    """Two methods sharing a colour would be told apart in the charts by their marker alone."""
+    from analysis.registry import all_methods
+    from viz.palette import method_colour
+
+    colours = {name: method_colour(name) for name in all_methods()}
+    assert len(set(colours.values())) == len(colours), colours

@@ -185,7 +185,7 @@ class ATS(Method):
     needs = frozenset({"cls_attention_heads", "values_heads"})
     uses_keep_rate = False
     transform_every_block = True
-    colour = "#8c6d31"
+    colour = "#bcbd22"
     marker = "p"
     comparison = (ComparisonEntry("pruning", 4, "ATS (mean count)"),)
     params = (

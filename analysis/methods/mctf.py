@@ -243,7 +243,7 @@ class MCTF(Method):
     default_layers = OFFICIAL_LAYERS
     needs = frozenset({"attention"})
     uses_keep_rate = False
-    colour = "#843c39"
+    colour = "#e7ba52"
     marker = "P"
     comparison = (ComparisonEntry("merging", 4, "MCTF"),)
     params = (
