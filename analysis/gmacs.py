@@ -7,7 +7,10 @@ image. Counted, per block, from the token count the attention and the MLP really
 - attention products: Q K^T and P V, `2 N^2 C` (all heads together);
 - MLP: `fc1` and `fc2` (N C 4C each for ViT);
 - the patch embedding (a convolution) and the classifier head;
-- the class-attention row at a reducing block of a method that scores by it (`(N) C`);
+- the class-attention row at a reducing block of a method that scores by it (`(N) C`), or the full
+  attention matrix (`N^2 C`) for one that asks for it; nothing for a method that transforms the
+  attention (`transform_attention`): the engine then computes the block's probabilities explicitly
+  and reads what the method needs from them;
 - the method's own work (its `own_macs`, see `method_macs`), split into matrix products (class-attention row,
   similarity matrices, bipartite scores, predictor layers), pairwise distance matrices (DPC-kNN)
   and element-wise work (weighted sums of fused, squeezed or merged tokens).
@@ -230,8 +233,10 @@ def plan_macs(model: torch.nn.Module, plan: ReductionPlan, extras: dict[str, Any
                 keep_rate=plan.keep_rate, params=params, acted=after != previous, stage=layers.index(layer), layer=layer,
             )
             entry.method_matmul, entry.method_elementwise, entry.method_distances = method_macs(plan.method, shape)
-            if method.acts == "inside":
-                # what the engine computes for the method's needs (e.g. q_cls k^T: (n + 1) d per head)
+            if method.acts == "inside" and getattr(method, "transform_attention", None) is None:
+                # what the engine computes for the method's needs (e.g. q_cls k^T: (n + 1) d per head);
+                # a method that transforms the attention gets them from the block's own explicit
+                # probabilities (already counted in attention_products)
                 entry.method_matmul += needs_macs(frozenset(method.needs), n_attention, width, has_class_token)
         breakdown.blocks.append(entry)
         previous = after
