@@ -182,10 +182,18 @@ def propagation_graph(patches: torch.Tensor, graph_type: str = "Mixed", num_neig
 # The assignment
 # ----------------------------------------------------------------------------------------------
 
-def select_propagated(scores: torch.Tensor, num_prop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept [B, n - P], propagated [B, P]) 1-based token indices: all tokens by descending score,
-    equal scores by position (stable sort); the last P are propagated (official `select`)."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices + 1
+def select_propagated(scores: torch.Tensor, num_prop: int, ties: str = "position") -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept [B, n - P], propagated [B, P]) 1-based token indices: all tokens by descending score;
+    the last P are propagated (official `select`).
+
+    Equal scores (exact zeros after the sparsification are common) go by `ties`: "position" (a
+    stable sort: the earlier token first, on every device); "torch": the order of torch's unstable
+    CPU sort, as the official `torch.argsort(descending=True)` in a CPU run (the order depends on
+    the torch build; the scores are sorted on the CPU whatever the device)."""
+    if ties == "torch":
+        order = torch.argsort(scores.cpu(), dim=1, descending=True).to(scores.device) + 1
+    else:
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices + 1
     n = scores.shape[1]
     return order[:, : n - num_prop], order[:, n - num_prop:]
 
@@ -340,6 +348,12 @@ class GTPViT(Method):
             choices=PROPAGATIONS,
         ),
         ParamSpec(
+            "ties", "position", "choice",
+            "Order of equal scores (exact zeros after the sparsification are common): position (earlier token first, "
+            "deterministic on every device; our choice) or torch (torch's unstable CPU sort, as the official CPU run).",
+            choices=("position", "torch"),
+        ),
+        ParamSpec(
             "token_scale", True, "bool",
             "Token scales (official --token_scale, on in the README's optimal settings): each token's scale grows by "
             "alpha times the graph-weighted scales it receives, and log(scale) is added to its attention logit.",
@@ -370,7 +384,7 @@ class GTPViT(Method):
         if num_prop <= 0:
             return None
         scores = token_scores(ctx.attention, params["selection"])
-        kept, prop = select_propagated(scores, num_prop)
+        kept, prop = select_propagated(scores, num_prop, params["ties"])
         assignment, graph = propagation_assignment(ctx.x, ctx.sizes, ctx.state.get("graph") if graphing else None, kept,
                                                    prop, float(params["alpha"]))
         if graph is not None:
