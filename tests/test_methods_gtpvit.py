@@ -371,7 +371,11 @@ def test_budget_meets_the_keep_rate_budget(tiny, sample_batch):
     tome_like = [184 - 13 * i for i in range(12)]
     follow = method.budget(0.7, 12, 197, target_counts=tome_like)
     assert follow.param_dict()["num_prop"] == 13 and gtp_counts(13) == tome_like
-    assert method.budget(1.0, 12, 197).param_dict()["num_prop"] == 0
+    for schedule in ("constant", "matched"):
+        full = method.budget(1.0, 12, 197, schedule=schedule)
+        assert full.param_dict()["num_prop"] == 0 and full.param_dict()["sparsity"] == 1.0  # the dense model
+    torch.testing.assert_close(run(tiny.model, sample_batch[:2], method.budget(1.0, 12, 197), track=False).logits,
+                               run(tiny.model, sample_batch[:2], track=False).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(PlanError, match="schedule"):
         method.budget(0.7, 12, 197, schedule="bogus")
 

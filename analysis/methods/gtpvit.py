@@ -429,7 +429,8 @@ class GTPViT(Method):
         follows the counts block by block (EViT's selection without fusion at `layers`, default 4, 7,
         10, `keep_rate_counts`). "constant": the one P in every block whose total tokens over the
         blocks come closest to the budget's (the smaller P at a tie), with the README's theta and
-        alpha for that P (DeiT-B; P > 14 keeps the P 14 row). Raises PlanError for an unknown schedule."""
+        alpha for that P (DeiT-B; P > 14 keeps the P 14 row). A budget that removes nothing (keep rate
+        1.0) gives P 0 with theta 1: the dense model. Raises PlanError for an unknown schedule."""
         if schedule not in ("constant", "matched"):
             raise PlanError(f"GTP-ViT budget: schedule must be 'constant' or 'matched', got {schedule!r}")
         if target_counts is not None or schedule == "matched":
@@ -440,11 +441,13 @@ class GTPViT(Method):
                 p = max(0, min(n - int(target), n - 2))
                 removed.append(p)
                 n -= p
+            if not any(removed):
+                return ReductionPlan.make(self.name, 1.0, None, num_prop=0, sparsity=1.0)
             num_prop = removed[0] if len(set(removed)) == 1 else tuple(removed)
             return ReductionPlan.make(self.name, 1.0, None, num_prop=num_prop)
         target = sum(keep_rate_counts(keep_rate, depth, n0, tuple(layers or (4, 7, 10))))
         best = min(range(0, n0 - 1), key=lambda p: (abs(sum(gtp_counts(p, depth, n0)) - target), p))
         if best == 0:
-            return ReductionPlan.make(self.name, 1.0, None, num_prop=0)
+            return ReductionPlan.make(self.name, 1.0, None, num_prop=0, sparsity=1.0)
         sparsity, alpha = README_SETTINGS[min(best, max(README_SETTINGS))]
         return ReductionPlan.make(self.name, 1.0, None, num_prop=best, sparsity=sparsity, alpha=alpha)
