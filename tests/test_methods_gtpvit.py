@@ -419,9 +419,29 @@ def test_bad_parameters_give_a_one_line_plan_error(params, message):
     assert "\n" not in str(err.value)
 
 
-def test_non_square_grid_is_a_plan_error():
+def test_spatial_graph_of_a_non_square_grid():
+    """The 8-neighbourhood on a 10 x 14 grid (the model's `ctx.grid`), by loops; without a grid, a
+    non-square count is a one-line PlanError."""
     from analysis.methods.gtpvit import spatial_graph
 
-    with pytest.raises(PlanError, match="square patch grid") as err:
-        spatial_graph(150)
-    assert "\n" not in str(err.value)
+    graph = spatial_graph(140, grid=(10, 14))
+    for i in range(140):
+        for j in range(140):
+            want = i != j and abs(i // 14 - j // 14) <= 1 and abs(i % 14 - j % 14) <= 1
+            assert graph[i, j] == float(want)
+    assert torch.equal(spatial_graph(196), spatial_graph(196, grid=(14, 14)))
+    for call, message in ((lambda: spatial_graph(150), "needs the patch grid"), (lambda: spatial_graph(140, grid=(10, 10)), "does not hold")):
+        with pytest.raises(PlanError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_matched_budget_builds_the_graph_where_it_first_propagates(tiny):
+    """P 0 in blocks 1-3 (the keep rate's counts): the graph and its GMACs belong to block 4."""
+    plan = get_method("gtpvit").budget(0.7, 12, 197, schedule="matched")
+    macs = plan_macs(tiny.model, plan)
+    assert [block.method_matmul for block in macs.blocks[:4]] == [0, 0, 0, SEMANTIC + 138 * 58]
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with flop_counter() as counter:
+        run(tiny.model, image, plan, track=False)
+    assert macs.matmul == pytest.approx(counter.get_total_flops() / 2, rel=1e-6)

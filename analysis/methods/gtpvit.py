@@ -120,17 +120,25 @@ def token_scores(probs: torch.Tensor, selection: str = "MixedAttnMax") -> torch.
     raise ValueError(f"unknown GTP-ViT selection {selection!r}: use one of {', '.join(SELECTIONS)}")
 
 
-def spatial_graph(num_patches: int, device: torch.device | str | None = None) -> torch.Tensor:
+def spatial_graph(num_patches: int, device: torch.device | str | None = None,
+                  grid: tuple[int, int] | None = None) -> torch.Tensor:
     """[P, P] float 0/1: patches whose rows and columns both differ by at most 1 (the 8-neighbourhood
-    on the square grid), without self loops (official `GraphPropagationTransformer.__init__`).
+    on the grid), without self loops (official `GraphPropagationTransformer.__init__`, for a square
+    grid; `grid` (rows, cols) gives any other, row-major).
 
     Raises:
-        PlanError: P is not a square number."""
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise PlanError(f"GTP-ViT's spatial graph needs a square patch grid; this model has {num_patches} patches")
+        PlanError: no grid is given and P is not a square number, or the grid does not hold P patches."""
+    if grid is None:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise PlanError(f"GTP-ViT's spatial graph needs the patch grid; this model has {num_patches} patches "
+                            "and gives no (rows, cols)")
+        grid = (side, side)
+    rows, cols = grid
+    if rows * cols != num_patches:
+        raise PlanError(f"GTP-ViT's spatial graph: a {rows} x {cols} grid does not hold {num_patches} patches")
     index = torch.arange(num_patches, device=device)
-    row, col = index // side, index % side
+    row, col = index // cols, index % cols
     near = ((row[:, None] - row[None, :]).abs() <= 1) & ((col[:, None] - col[None, :]).abs() <= 1)
     return near.float() - torch.eye(num_patches, device=device)
 
@@ -152,24 +160,26 @@ def semantic_graph(patches: torch.Tensor, num_neighbours: int) -> torch.Tensor:
     return torch.where(cossim >= threshold, 1.0, 0.0) - torch.eye(n, device=patches.device).unsqueeze(0)
 
 
-def propagation_graph(patches: torch.Tensor, graph_type: str = "Mixed", num_neighbours: int = 8) -> torch.Tensor:
+def propagation_graph(patches: torch.Tensor, graph_type: str = "Mixed", num_neighbours: int = 8,
+                      grid: tuple[int, int] | None = None) -> torch.Tensor:
     """The normalised graph G = D^-1/2 A D^-1/2 (D = the row sums of A) over the patches.
 
     A: "Spatial" (`spatial_graph`), "Semantic" (`semantic_graph`) or "Mixed" (their logical OR).
 
     Args:
         patches: [B, P, C] the patch tokens entering the first block.
+        grid: (rows, cols) of the patches (None: a square grid).
     Returns:
         [B, P, P] float32.
     Raises:
-        PlanError: a non-square patch grid (Spatial / Mixed).
+        PlanError: no usable grid (Spatial / Mixed), see `spatial_graph`.
     """
     batch, n, _ = patches.shape
     patches = patches.float()
     if graph_type == "Semantic":
         adjacency = semantic_graph(patches, min(num_neighbours, n - 1))
     else:
-        adjacency = spatial_graph(n, patches.device).unsqueeze(0).expand(batch, -1, -1)
+        adjacency = spatial_graph(n, patches.device, grid).unsqueeze(0).expand(batch, -1, -1)
         if graph_type == "Mixed":
             semantic = semantic_graph(patches, min(num_neighbours, n - 1))
             adjacency = torch.bitwise_or(semantic.int(), adjacency.int()).float()
@@ -280,6 +290,12 @@ def prop_at_stage(num_prop: int | Sequence[int], stage: int) -> int:
     return int(num_prop)
 
 
+def _first_propagating_stage(num_prop: int | Sequence[int]) -> int | None:
+    """The first reducing stage with P > 0 (where `assign` builds the graph), or None."""
+    entries = list(num_prop) if isinstance(num_prop, abc.Sequence) else [num_prop]
+    return next((stage for stage, p in enumerate(entries) if int(p) > 0), None)
+
+
 def gtp_counts(num_prop: int | Sequence[int], depth: int = 12, n0: int = 197, layers: Sequence[int] | None = None) -> list[int]:
     """Tokens (cls included) leaving each block: N -> N - min(P, N - 2) at each reducing layer (None:
     every block; at least one image token stays). DeiT at 224, P 13: 184, 171, ..., 41."""
@@ -373,16 +389,17 @@ class GTPViT(Method):
         of a forward from `ctx.embedding`, kept in `ctx.state["graph"]`, reduced with the tokens).
         Output `[cls, kept (descending score)]`.
 
-        Raises PlanError for a num_prop list shorter than the plan's layers or a non-square grid."""
+        Raises PlanError for a num_prop list shorter than the plan's layers, or when the model gives
+        no patch grid and its patches do not form a square."""
         params = ctx.params
         n = ctx.x.shape[1] - 1
         graphing = params["propagation"] == "GraphProp"
-        if graphing and "graph" not in ctx.state:
-            patches = ctx.embedding[:, 1:]
-            ctx.state["graph"] = propagation_graph(patches, params["graph_type"], int(params["num_neighbours"]))
         num_prop = min(prop_at_stage(params["num_prop"], ctx.stage), n - 1)
         if num_prop <= 0:
             return None
+        if graphing and "graph" not in ctx.state:
+            patches = ctx.embedding[:, 1:]
+            ctx.state["graph"] = propagation_graph(patches, params["graph_type"], int(params["num_neighbours"]), ctx.grid)
         scores = token_scores(ctx.attention, params["selection"])
         kept, prop = select_propagated(scores, num_prop, params["ties"])
         assignment, graph = propagation_assignment(ctx.x, ctx.sizes, ctx.state.get("graph") if graphing else None, kept,
@@ -399,8 +416,8 @@ class GTPViT(Method):
             prop_at_stage(num_prop, len(layers) - 1)  # raises the one message for this mistake
 
     def own_macs(self, shape: StageShape) -> tuple[float, float]:
-        """GTP's own work at one block, per image (methods.md §18). First reducing block, with a
-        semantic graph: the patch embeddings' cosine similarities (P^2 C, a matrix product), their
+        """GTP's own work at one block, per image (methods.md §18). First block that propagates
+        (where the graph is built), with a semantic graph: the patch embeddings' cosine similarities (P^2 C, a matrix product), their
         normalisation (P C) and the graph normalisation (2 P^2). Every block that propagates m
         tokens into k: the token scales (k m, a matrix product), the scores (n) and the weighted
         sums of the propagated features, counted as the official dense product k m C (an upper
@@ -410,7 +427,8 @@ class GTPViT(Method):
         params = shape.params
         matmul = elementwise = 0.0
         graphing = params.get("propagation", "GraphProp") == "GraphProp"
-        if graphing and shape.stage == 0 and params.get("graph_type", "Mixed") != "Spatial":
+        if graphing and shape.acted and shape.stage == _first_propagating_stage(params.get("num_prop", 13)) \
+                and params.get("graph_type", "Mixed") != "Spatial":
             p, c = shape.n_in, shape.channels
             matmul += float(p * p * c)
             elementwise += float(p * c + 2 * p * p)
