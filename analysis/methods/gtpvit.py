@@ -22,8 +22,8 @@ after the attention residual:
    added to every key's attention logit (proportional attention).
 
 The kept tokens come out by descending score, as the official `argsort`; ties (exact zeros after
-the sparsification are common) go by position (a stable sort), where the official CPU sort is
-unstable (methods.md §18).
+the sparsification are common) go by position (a stable sort, `ties` "position"), where the
+official CPU sort is unstable (`ties` "torch" reproduces its CPU order; methods.md §18).
 
 As a `TokenAssignment` (combine "sum"): every kept token goes to its own slot with weight 1; a
 pruned token j goes to the kept token i with the largest G[i, j] (`dest`, the first at equal
