@@ -307,6 +307,7 @@ def run(
     block_sizes: list[torch.Tensor] | None = [] if keep_block_outputs else None
     state: dict[str, Any] = {}
     embedding = layout.to_view(x)
+    grid = _patch_grid(model, num_patches)
     reduced = False
 
     def context(stage_index: int, block_index: int, features: dict[str, torch.Tensor]) -> ReduceContext:
@@ -314,7 +315,7 @@ def run(
             x=layout.to_view(x), sizes=layout.to_view(sizes) if layout.has_cls else _placeholder_sizes(layout, sizes),
             keep_rate=plan.keep_rate, stage=stage_index, block_index=block_index, params=params, num_patches=num_patches,
             depth=depth, layers=layers, extras=extras, valid=None if valid is None else _view_valid(layout, valid),
-            state=state, embedding=embedding, **features,
+            state=state, embedding=embedding, grid=grid, **features,
         )
 
     def reduce(ctx: ReduceContext, features: dict[str, torch.Tensor]):
@@ -374,6 +375,16 @@ def run(
     return Result(logits=logits.float(), token_counts=counts, stages=stages, plan=plan, block_outputs=outputs,
                   block_sizes=block_sizes, image_token_counts=torch.stack(image_counts, dim=1).cpu(),
                   num_prefix_tokens=layout.prefix)
+
+
+def _patch_grid(model: torch.nn.Module, num_patches: int) -> tuple[int, int] | None:
+    """(rows, cols) of the patch grid from timm's `patch_embed.grid_size`, or None when it is missing
+    or does not match the number of patches."""
+    size = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if size is None:
+        return None
+    rows, cols = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return (rows, cols) if rows * cols == num_patches else None
 
 
 def layout_reason(method, layout: Layout) -> str | None:

@@ -10,7 +10,10 @@ image. Counted, per block, from the token count the attention and the MLP really
   projection at the reduced count (a method that hands no attention on is not counted apart);
 - MLP: `fc1` and `fc2` (N C 4C each for ViT);
 - the patch embedding (a convolution) and the classifier head;
-- the class-attention row at a reducing block of a method that scores by it (`(N) C`);
+- the class-attention row at a reducing block of a method that scores by it (`(N) C`), or the full
+  attention matrix (`N^2 C`) for one that asks for it; nothing for a method that transforms the
+  attention (`transform_attention`): the engine then computes the block's probabilities explicitly
+  and reads what the method needs from them;
 - the method's own work (its `own_macs`, see `method_macs`), split into matrix products (class-attention row,
   similarity matrices, bipartite scores, predictor layers), pairwise distance matrices (DPC-kNN)
   and element-wise work (weighted sums of fused, squeezed or merged tokens).

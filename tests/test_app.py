@@ -121,12 +121,12 @@ def test_every_registered_method_renders(opened):
     # sidebar's layers by default (the others on request)
     assert len(stage_pictures) == 3 * len(runnable)
     assert at.multiselect(key="stages_tome").options == [str(layer) for layer in range(1, 13)]
-    assert sum("dispatch map" in c for c in captions) == 3  # eTPS
-    # per method tab: BAT, DPC and ToMe draw merge groups at every stage shown, EViT masked tokens (a
+    # per method tab: BAT, DPC and ToMe draw merge groups at every stage shown, EViT masked tokens, eTPS
+    # dispatch maps (other squeezing or propagating methods draw them too; a
     # method that pools some images and prunes others draws either, stage by stage)
     per_tab = {tab.label: [img.caption for element in tab.get("image") for img in element.proto.imgs] for tab in at.tabs}
     for name, view, stages in (("bat", "merge groups", 3), ("dpc", "merge groups", 3), ("tome", "merge groups", 3),
-                               ("evit", "masked tokens", 3)):
+                               ("evit", "masked tokens", 3), ("etps", "dispatch map", 3)):
         assert sum(view in c for c in per_tab[METHODS[name].label]) == stages, name
     assert len(at.get("plotly_chart")) == 1, "the diversity chart; interactive dispatch maps are built when opened"
     at.toggle(key="show_plot_etps_7").set_value(True).run()

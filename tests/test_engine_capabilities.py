@@ -304,3 +304,29 @@ def test_edges_spread_a_token_over_several_outputs(registered, tiny, sample_batc
     others = record.other_hosts()
     assert len(others) == 98 and all(len(pairs) == 1 and pairs[0][1] == 0.5 for pairs in others.values())
     assert sum(len(pairs) for pairs in others.values()) == int(record.patch_pruned.sum())
+
+
+class RecordGrid(Method):
+    """Change nothing; record the patch grid the engine hands to a method."""
+
+    name = "test_record_grid"
+    label = "test: records ctx.grid"
+    default_layers = (1,)
+    seen: list = []
+
+    def assign(self, ctx):
+        RecordGrid.seen.append((ctx.grid, ctx.num_patches))
+        return None
+
+
+def test_context_gives_the_patch_grid(registered, tiny, sample_batch):
+    """`ReduceContext.grid`: (rows, cols) of the patch grid, also when it is not square."""
+    import timm
+
+    registered(RecordGrid)
+    RecordGrid.seen.clear()
+    run(tiny.model, sample_batch[:1], ReductionPlan.make("test_record_grid", 1.0))
+    torch.manual_seed(0)
+    wide = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=(160, 224)).eval()
+    run(wide, torch.randn(1, 3, 160, 224), ReductionPlan.make("test_record_grid", 1.0))
+    assert RecordGrid.seen == [((14, 14), 196), ((10, 14), 140)]

@@ -144,3 +144,56 @@ def test_every_method_agrees_with_the_flop_counter(models):
             assert own == 0, name
         if name in ("bat", "dpc"):
             assert sum(b.method_distances for b in ours.blocks) > 0
+
+
+class _KeepHalf:
+    """Test methods: keep the first half of the image tokens at layer 4, reading the full attention
+    (`needs`); one of them also transforms the attention (`transform_attention`)."""
+
+    needs = frozenset({"attention", "cls_attention"})
+    default_layers = (4,)
+
+    def assign(self, ctx):
+        from analysis.methods.base import keep_assignment
+
+        assert ctx.attention is not None and ctx.cls_attention is not None
+        n = ctx.x.shape[1] - 1
+        kept = torch.arange(1, n // 2 + 1).expand(ctx.x.shape[0], -1)
+        return keep_assignment(kept, n + 1)
+
+
+def test_transform_attention_needs_cost_nothing_extra(models):
+    """With `transform_attention` the engine computes the block's probabilities explicitly (Q K^T,
+    P V: the block's own attention products) and reads the method's needs from them, so GMACs
+    add nothing for them; without it, the full attention a method asks for is a second Q K^T."""
+    from analysis import registry
+    from analysis.methods.base import Method
+
+    class Plain(_KeepHalf, Method):
+        name = "test_gmacs_plain_attention"
+        label = "test: needs the attention"
+
+    class Transformed(_KeepHalf, Method):
+        name = "test_gmacs_transformed_attention"
+        label = "test: transforms the attention"
+
+        def transform_attention(self, probs, ctx):
+            return probs * 0.5 + 0.5 / probs.shape[-1]
+
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    results = {}
+    try:
+        for cls in (Plain, Transformed):
+            registry.register(cls)
+            plan = ReductionPlan.make(cls.name, 1.0)
+            ours = plan_macs(models["tiny"], plan)
+            with flop_counter() as counter:
+                run(models["tiny"], image, plan, track=False)
+            assert ours.matmul == pytest.approx(counter.get_total_flops() / 2, rel=1e-9), cls.name
+            results[cls.name] = ours.blocks[3].method_matmul
+    finally:
+        for cls in (Plain, Transformed):
+            registry.METHODS.pop(cls.name, None)
+            registry._ORIGIN.pop(cls.name, None)  # noqa: SLF001 - test-only cleanup
+    assert results["test_gmacs_plain_attention"] == 197 * 197 * 192
+    assert results["test_gmacs_transformed_attention"] == 0

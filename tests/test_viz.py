@@ -252,6 +252,39 @@ def test_dispatch_figure_hover_and_opacity(tiny, photo, records):
     assert html.lower().startswith(b"<!doctype html>") and b"plotly" in html and len(html) > 1_000_000  # plotly.js embedded: works offline
 
 
+def test_dispatch_figure_adds_every_arrow_in_one_layout_update(monkeypatch):
+    """A map whose pruned patches each go to several receivers (`edges`): two annotations per arrow,
+    weakest first as `dispatch_arrows`, added in one layout update (not one `add_annotation` per
+    arrow, which re-validates the growing list: quadratic)."""
+    import plotly.graph_objects as go
+
+    grid = (8, 8)
+    p2t = np.arange(1, 65)
+    pruned = np.zeros(64, dtype=bool)
+    pruned[::4] = True  # 16 pruned patches, each held by the next patch's token
+    p2t[pruned] = p2t[np.flatnonzero(pruned) + 1]
+    weight = np.where(pruned, np.linspace(0.2, 0.5, 64), 1.0)
+    edges = np.array([(p, t, 0.1 + 0.01 * i) for i, p in enumerate(np.flatnonzero(pruned)) for t in (3, 7, 11, 15, 19, 23)],
+                     dtype=np.float64)
+    kinds = ("cls",) + tuple("host" if t in set(p2t[pruned]) | {3, 7, 11, 15, 19, 23} else "kept" for t in range(1, 65))
+    sizes = np.bincount(p2t, minlength=65)
+    record = ov.StageRecord(layer=1, patch_to_token=p2t, token_kinds=kinds, token_sizes=sizes, patch_pruned=pruned,
+                            patch_weight=weight, edges=edges)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("one add_annotation call per arrow")
+
+    monkeypatch.setattr(go.Figure, "add_annotation", refuse)
+    figure = dispatch_figure(Image.new("RGB", (64, 64)), record, grid, scale=2)
+    arrows = ov.dispatch_arrows(record)
+    assert len(arrows) == 16 * 7
+    annotations = figure.layout.annotations
+    assert len(annotations) == 2 * len(arrows)
+    cores = [a for a in annotations if a.arrowcolor == "rgb(%d,%d,%d)" % ov.ARROW_COLOUR]
+    np.testing.assert_allclose([a.opacity for a in cores], [w for _, _, w in arrows], atol=1e-9)
+    assert [a.arrowwidth for a in annotations[:2]] == [4, 2]  # the shadow under the core
+
+
 def test_suggested_view_per_method(records):
     assert ov.suggested_view(records["evit"][0][0]) == "masked"
     assert ov.suggested_view(records["etps"][0][0]) == "dispatch"

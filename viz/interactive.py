@@ -44,13 +44,18 @@ def dispatch_figure(crop: Image.Image, record: StageRecord, grid: tuple[int, int
     centres = patch_centres(grid, patch_px)
     fig = go.Figure(go.Image(z=np.asarray(background), hoverinfo="skip"))
     weights = record.patch_weight
+    arrows = []
     for patch, host, weight in dispatch_arrows(record):
         (x0, y0), (x1, y1) = centres[patch], hosts[host]
         # as in the static map: a white core over a black shadow, both at opacity = weight
         for colour, line_width in ((ARROW_SHADOW, 4), (ARROW_COLOUR, 2)):
-            fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
+            arrows.append(dict(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
                                arrowhead=2, arrowsize=1, arrowwidth=line_width, arrowcolor="rgb(%d,%d,%d)" % colour,
-                               opacity=float(np.clip(weight, 0.0, 1.0)), text="")
+                               opacity=float(np.clip(weight, 0.0, 1.0)), text=""))
+    # one layout update for all arrows: `add_annotation` per arrow re-validates the growing list
+    # (quadratic; tens of seconds for a map with hundreds of arrows, e.g. a pruned token sent to
+    # several receivers)
+    fig.update_layout(annotations=arrows)
     r, c = np.divmod(pruned, cols)
     others = record.other_hosts()
 

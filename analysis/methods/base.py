@@ -333,6 +333,8 @@ class ReduceContext:
         layers: the plan's 1-based reducing layers.
         params: the plan's parameters, parsed, defaults filled in.
         num_patches: the number of original patches (196 for DeiT at 224 px).
+        grid: (rows, cols) of the patch grid, patches in row-major order ((14, 14) for DeiT at
+            224 px), or None when the model does not say.
         extras: method weights loaded with the checkpoint (e.g. "score_predictor"), or {}.
         valid: [B, N] bool, False on padding slots once images keep different token counts (ATS),
             else None; a method that may see padding must leave it out of its decisions.
@@ -356,6 +358,7 @@ class ReduceContext:
     valid: torch.Tensor | None = None
     state: dict[str, Any] = field(default_factory=dict)
     embedding: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
     cls_attention: torch.Tensor | None = None
     cls_attention_heads: torch.Tensor | None = None
     keys: torch.Tensor | None = None
