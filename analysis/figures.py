@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import FiguresError, TokenscopeError
-from .sweep import load_results
+from .sweep import gmacs_spread, load_results
 
 FORMATS = ("pdf", "svg", "png")
 DPI = 300
@@ -152,6 +152,10 @@ def figure_accuracy(rows: Sequence[dict[str, Any]]):
         colour, marker = method_colour(method), method_marker(method)
         by_gmacs = sorted(group, key=lambda r: r["gmacs"])
         left.plot([r["gmacs"] for r in by_gmacs], [r["top1"] for r in by_gmacs], marker=marker, color=colour, label=_label(group[0]), ms=4)
+        spreads = [gmacs_spread(r) for r in by_gmacs]
+        if any(spreads):  # per-image budgets: one standard deviation of the per-image GMACs
+            left.errorbar([r["gmacs"] for r in by_gmacs], [r["top1"] for r in by_gmacs], xerr=spreads, fmt="none",
+                          ecolor=colour, elinewidth=0.8, capsize=2)
         by_rate = sorted(group, key=lambda r: r["keep_rate"])
         right.plot([r["keep_rate"] for r in by_rate], [r["top1"] for r in by_rate], marker=marker, color=colour, label=_label(group[0]), ms=4)
     left.set_xlabel("GMACs per image")

@@ -631,6 +631,16 @@ class SweepRow:
 CSV_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SweepRow) if f.metadata.get("csv"))
 
 
+def gmacs_spread(row: dict[str, Any]) -> float:
+    """The standard deviation over images of a row's per-image GMACs (0 when every image costs the
+    same, i.e. the method keeps one token count for all; per-image budgets such as ATS's vary)."""
+    std = row.get("gmacs_std")
+    low, high = row.get("gmacs_min"), row.get("gmacs_max")
+    if std is None or low is None or high is None or not high > low:
+        return 0.0
+    return float(std)
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())

@@ -381,3 +381,19 @@ def test_pair_and_cluster_markers_differ_in_shape_and_fill(tiny, photo, records)
     assert tuple(pixels[15, 15]) == (128, 128, 128)  # hollow ring: the background shows through
     assert tuple(pixels[17, 45]) == (0, 0, 0)        # filled triangle
     assert (pixels[:, :30] == 255).all(-1).sum() > 20 and (pixels[:, 30:] == 0).all(-1).sum() > 60
+
+
+def test_per_image_budgets_get_horizontal_error_bars():
+    """A method whose images keep different token counts is drawn at its mean GMACs with a
+    horizontal error bar of one standard deviation; fixed-count methods get none."""
+    from viz.charts import accuracy_vs_gmacs
+
+    rows = [
+        {"method": "evit", "label": "EViT", "keep_rate": 0.7, "top1": 70.0, "gmacs": 0.82, "gmacs_std": 0.0, "gmacs_min": 0.82, "gmacs_max": 0.82},
+        {"method": "ats", "label": "ATS", "keep_rate": 0.7, "top1": 69.0, "gmacs": 0.76, "gmacs_std": 0.05, "gmacs_min": 0.69, "gmacs_max": 0.9},
+        {"method": "ats", "label": "ATS", "keep_rate": 0.5, "top1": 60.0, "gmacs": 0.6, "gmacs_std": 0.04, "gmacs_min": 0.55, "gmacs_max": 0.7},
+    ]
+    fig = accuracy_vs_gmacs(rows)
+    evit, ats = fig.data
+    assert evit.error_x.array is None
+    assert list(ats.error_x.array) == [0.04, 0.05] and "0.690-0.900" in ats.customdata[1][2]

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 import plotly.graph_objects as go
 
 from analysis.registry import all_methods
+from analysis.sweep import gmacs_spread
 
 from .palette import method_colour
 
@@ -64,15 +65,22 @@ def accuracy_vs_keep_rate(rows: Sequence[dict[str, Any]], metric: str = "top1") 
 
 
 def accuracy_vs_gmacs(rows: Sequence[dict[str, Any]], metric: str = "top1") -> go.Figure:
-    """Top-1 (or top-5) in percent against GMACs per image, one line per method."""
+    """Top-1 (or top-5) in percent against GMACs per image, one line per method. A method whose
+    images keep different token counts sits at its mean GMACs with a horizontal error bar of one
+    standard deviation over the images (min and max in the hover)."""
     fig = go.Figure()
     for method, group in _by_method(rows).items():
         group = sorted(group, key=lambda r: r["gmacs"])
+        spreads = [gmacs_spread(r) for r in group]
         fig.add_trace(go.Scatter(
             x=[r["gmacs"] for r in group], y=[r[metric] for r in group], mode="lines+markers",
             name=group[0].get("label", method), line=dict(color=method_colour(method)),
-            customdata=[[r["keep_rate"], _params_text(r)] for r in group],
-            hovertemplate="%{x:.3f} GMACs<br>" + metric + " %{y:.2f}%<br>keep rate %{customdata[0]}<br>%{customdata[1]}<extra></extra>",
+            error_x=dict(type="data", array=spreads, visible=True, thickness=1.2, width=4) if any(spreads) else None,
+            customdata=[[r["keep_rate"], _params_text(r),
+                         (f"per image {r['gmacs_min']:.3f}-{r['gmacs_max']:.3f} GMACs (std {spread:.3f})" if spread else "")]
+                        for r, spread in zip(group, spreads)],
+            hovertemplate="%{x:.3f} GMACs<br>" + metric + " %{y:.2f}%<br>keep rate %{customdata[0]}<br>%{customdata[1]}"
+                          "<br>%{customdata[2]}<extra></extra>",
         ))
     fig.update_layout(title=f"{'Top-1' if metric == 'top1' else 'Top-5'} accuracy vs GMACs", **LAYOUT)
     fig.update_xaxes(title="GMACs per image")
