@@ -73,6 +73,7 @@ def cluster_distances(keys: torch.Tensor) -> torch.Tensor:
     (float32 for float32 or half keys, float64 for float64 keys), the class row and column dropped,
     `1 - scores`; then, as scikit-learn passes only the upper triangle to scipy, entry (i, j) with
     i < j is used for both (i, j) and (j, i). The diagonal is +inf (a cluster never merges with itself).
+    A zero key gets distance 1 to every token (the norm is clamped at 1e-12; the official code gives NaN).
 
     Args:
         keys: [B, N, d] keys averaged over heads, token 0 = cls.
@@ -86,7 +87,8 @@ def cluster_distances(keys: torch.Tensor) -> torch.Tensor:
     return distance.masked_fill(torch.eye(p, dtype=torch.bool, device=keys.device), float("inf"))
 
 
-def agglomerate(distance: torch.Tensor, merges: int, linkage: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
+def agglomerate(distance: torch.Tensor, merges: int, linkage: str = "average"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bottom-up clustering of every image of a batch, `merges` steps, vectorised over the batch.
 
     At each step every image merges its pair of clusters (i, j), i < j, at the smallest distance
@@ -105,11 +107,13 @@ def agglomerate(distance: torch.Tensor, merges: int, linkage: str = "average") -
          heights [B, merges] float64: the linkage distance of each step, non-decreasing;
          following [B] float64: the distance the next step would merge at, +inf with one cluster left).
     Raises:
-        ValueError: an unknown linkage.
+        ValueError: an unknown linkage, or merges outside 0..P - 1.
     """
     if linkage not in LINKAGES:
         raise ValueError(f"linkage must be one of {', '.join(LINKAGES)}, got {linkage!r}")
     batch, p, _ = distance.shape
+    if not 0 <= merges <= p - 1:
+        raise ValueError(f"{merges} merges of {p} tokens: give 0 to {p - 1}")
     device = distance.device
     d = distance.clone()
     rows = torch.arange(batch, device=device)
@@ -147,7 +151,7 @@ def atc_assignment(keys: torch.Tensor, sizes: torch.Tensor, merges: int, linkage
     Args:
         keys: [B, N, d] keys averaged over heads (token 0 = cls, never merged).
         sizes: [B, N] float, original tokens held (cls 1).
-        merges: merges in this block, 0 <= merges <= N - 2 (`block_merges`).
+        merges: merges in this block (`block_merges`), capped at N - 2 (one patch token is left).
         linkage: "average", "complete" or "single".
         note: the stage's note for every image (None: a generic one).
     Returns:
@@ -156,10 +160,11 @@ def atc_assignment(keys: torch.Tensor, sizes: torch.Tensor, merges: int, linkage
         image's note gives the gap between the last linkage height used and the next one, the
         decision margin of the cut), or None when merges <= 0.
     """
-    if merges <= 0:
-        return None
     batch, n, _ = keys.shape
     p = n - 1
+    merges = min(int(merges), p - 1)
+    if merges <= 0:
+        return None
     device = keys.device
     distance = cluster_distances(keys)
     label, heights, following = agglomerate(distance, merges, linkage)
