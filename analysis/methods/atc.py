@@ -80,19 +80,21 @@ def cluster_distances(keys: torch.Tensor) -> torch.Tensor:
     """
     metric = keys if keys.dtype == torch.float64 else keys.float()
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    distance = (1 - metric @ metric.transpose(-1, -2))[:, 1:, 1:].double()
+    distance = (1 - metric @ metric.transpose(-1, -2))[:, 1:, 1:]
     p = distance.shape[-1]
     upper = torch.ones(p, p, dtype=torch.bool, device=keys.device).triu(1)
-    distance = torch.where(upper, distance, distance.transpose(-1, -2))
-    return distance.masked_fill(torch.eye(p, dtype=torch.bool, device=keys.device), float("inf"))
+    distance = torch.where(upper, distance, distance.transpose(-1, -2)).double()
+    distance.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    return distance
 
 
-def agglomerate(distance: torch.Tensor, merges: int, linkage: str = "average"
+def agglomerate(distance: torch.Tensor, merges: int, linkage: str = "average", inplace: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bottom-up clustering of every image of a batch, `merges` steps, vectorised over the batch.
 
     At each step every image merges its pair of clusters (i, j), i < j, at the smallest distance
-    (an exact tie goes to the first pair in row-major order, i.e. the smallest i, then j); cluster i
+    (an exact tie goes to the first pair in row-major order, i.e. the smallest i, then j; each row's
+    nearest cluster is cached and only rows whose nearest changed are scanned again); cluster i
     takes j in, and its distance to every other cluster k becomes (Lance-Williams, as scipy's
     `_hierarchy_distance_update`):
       single   min(d_ik, d_jk);  complete  max(d_ik, d_jk);
@@ -102,6 +104,7 @@ def agglomerate(distance: torch.Tensor, merges: int, linkage: str = "average"
         distance: [B, P, P] float64 symmetric distances, +inf on the diagonal (`cluster_distances`).
         merges: steps, 0 <= merges <= P - 1.
         linkage: "average", "complete" or "single".
+        inplace: work on `distance` itself (it is overwritten) instead of a copy.
     Returns:
         (label [B, P] long: every token's cluster, named by its smallest member;
          heights [B, merges] float64: the linkage distance of each step, non-decreasing;
@@ -115,15 +118,19 @@ def agglomerate(distance: torch.Tensor, merges: int, linkage: str = "average"
     if not 0 <= merges <= p - 1:
         raise ValueError(f"{merges} merges of {p} tokens: give 0 to {p - 1}")
     device = distance.device
-    d = distance.clone()
+    d = distance if inplace else distance.clone()
     rows = torch.arange(batch, device=device)
     label = torch.arange(p, device=device).expand(batch, p).clone()
     count = torch.ones(batch, p, dtype=d.dtype, device=device)
     heights = d.new_empty(batch, merges)
     inf = torch.tensor(float("inf"), dtype=d.dtype, device=device)
+    # Every row's nearest cluster (value, first column reaching it), so a step scans [B, P], not [B, P, P].
+    nearest, partner = d.min(dim=2)
     for step in range(merges):
-        height, flat = d.view(batch, p * p).min(dim=1)  # first minimum in row-major order: i < j
-        i, j = flat // p, flat % p
+        # The first row holding the smallest entry, and its first minimal column: the row-major first
+        # minimum of the matrix. Its column is > the row (the matrix is symmetric).
+        height, i = nearest.min(dim=1)
+        j = partner[rows, i]
         heights[:, step] = height
         d_i, d_j = d[rows, i], d[rows, j]  # [B, P]
         if linkage == "single":
@@ -141,7 +148,22 @@ def agglomerate(distance: torch.Tensor, merges: int, linkage: str = "average"
         d[rows, :, j] = inf
         count[rows, i] += count[rows, j]
         label = torch.where(label == j.unsqueeze(1), i.unsqueeze(1), label)
-    return label, heights, d.view(batch, p * p).min(dim=1).values
+        # Nearest clusters after the merge: rows whose nearest was i or j (and row i itself) are
+        # scanned again; every other row only compares its nearest with its new entry in column i
+        # (an equal value in an earlier column wins, as in a scan).
+        ci, cj = i.unsqueeze(1), j.unsqueeze(1)
+        stale = (partner == ci) | (partner == cj)
+        stale[rows, i] = True
+        closer = (new < nearest) | ((new == nearest) & (ci < partner))
+        nearest = torch.where(closer, new, nearest)
+        partner = torch.where(closer, ci.expand(batch, p), partner)
+        image, row = stale.nonzero(as_tuple=True)
+        if image.numel():
+            value, column = d[image, row].min(dim=1)
+            nearest[image, row] = value
+            partner[image, row] = column
+        nearest[rows, j] = inf
+    return label, heights, nearest.min(dim=1).values
 
 
 def atc_assignment(keys: torch.Tensor, sizes: torch.Tensor, merges: int, linkage: str = "average",
@@ -166,8 +188,7 @@ def atc_assignment(keys: torch.Tensor, sizes: torch.Tensor, merges: int, linkage
     if merges <= 0:
         return None
     device = keys.device
-    distance = cluster_distances(keys)
-    label, heights, following = agglomerate(distance, merges, linkage)
+    label, heights, following = agglomerate(cluster_distances(keys), merges, linkage, inplace=True)
     margin = following - heights[:, -1]
     roots = torch.zeros(batch, p, dtype=torch.bool, device=device)
     roots.scatter_(1, label, True)
