@@ -76,7 +76,9 @@ def test_family(family, name, overrides):
     dense = run(model, images)
     assert (dense.logits - expected).abs().max().item() <= 1e-4, family
     assert dense.token_counts[0] == num_patches + layout.prefix
-    depth, n0 = len(model.blocks), num_patches + layout.prefix
+    # budgets are in the methods' view of the sequence: the class token (or its placeholder slot in a
+    # model without one) and the patches, prefix tokens set aside (Method.budget, engine.Layout)
+    depth, n0 = len(model.blocks), num_patches + 1
     for method_name, method in all_methods().items():
         if method.unavailable_reason({}):
             continue  # needs weights of its own (dTPS / DynamicViT predictors)
