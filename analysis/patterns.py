@@ -484,3 +484,31 @@ def rollout_overlap(rollout_map: torch.Tensor, own: torch.Tensor) -> torch.Tenso
     top = rank < k.unsqueeze(1)
     hits = (top & own).sum(-1).double()
     return torch.where(k > 0, hits / k.clamp(min=1).double(), torch.full_like(hits, float("nan")))
+
+
+def image_rollout(model: torch.nn.Module, images: torch.Tensor, plan, extras: dict[str, Any] | None = None,
+                  fusion: str = "mean", discard_ratio: float = 0.0) -> dict[str, torch.Tensor]:
+    """Rollout of `images` through `plan`'s reductions, the dense rollout, and the overlap scores.
+
+    One forward with the plan (`keep_attention=True`, `track=True`) and one dense forward.
+    Returns {"rollout": [B, P] through the reductions, "dense_rollout": [B, P], "kept": [B, P] bool
+    (patches with their own token after the last block), "overlap": [B] (`rollout_overlap` of the
+    method's own rollout with its kept patches), "dense_overlap": [B] (the same with the dense rollout)}.
+    Raises PlanError as `engine.run`; ValueError for a bad fusion or discard ratio.
+    """
+    from .engine import run
+    from .plan import ReductionPlan
+
+    if fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head fusion must be one of {', '.join(HEAD_FUSIONS)}, got {fusion!r}")
+    result = run(model, images, plan, extras=extras, track=True, keep_attention=True)
+    dense = run(model, images, ReductionPlan(), extras=extras, track=False, keep_attention=True)
+    spec = plan.spec()
+    acts = spec.acts if spec is not None else "inside"
+    num_patches = int(model.patch_embed.num_patches)
+    mine = rollout(result.attentions, result.stages, acts=acts, fusion=fusion, discard_ratio=discard_ratio, num_patches=num_patches)
+    plain = rollout(dense.attentions, (), fusion=fusion, discard_ratio=discard_ratio, num_patches=num_patches)
+    own, _ = block_states(result.stages, len(model.blocks), images.shape[0], num_patches, mine.device)
+    kept = own[:, -1]
+    return {"rollout": mine, "dense_rollout": plain, "kept": kept, "overlap": rollout_overlap(mine, kept),
+            "dense_overlap": rollout_overlap(plain, kept)}

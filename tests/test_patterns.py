@@ -210,3 +210,138 @@ def test_rollout_through_a_hand_made_merge_and_prune():
     kept = torch.tensor([[False, False, True]])
     assert patterns.rollout_overlap(out, kept).tolist() == [0.0]
     assert patterns.rollout_overlap(torch.tensor([[0.1, 0.2, 0.7]]), kept).tolist() == [1.0]
+
+
+# ---------------------------------------------------------------- the sweep with --patterns, and compare
+
+PATTERN_RATES = (1.0, 0.7)
+
+
+@pytest.fixture(scope="session")
+def pattern_sweep(tmp_path_factory, tiny):
+    """`sweep --patterns` on 8 of the shared photos: the dense model and the first four methods of the
+    default sweep, at keep rates 1.0 and 0.7."""
+    from analysis.registry import all_methods
+    from analysis.sweep import SweepConfig, run_sweep
+
+    methods = ["none"] + [name for name, m in all_methods().items() if m.in_default_sweep][:4]
+    out = tmp_path_factory.getbasetemp() / "pattern-sweep"
+    config = SweepConfig(data=str(SAMPLE_DIR), model=TINY, methods=tuple(methods), keep_rates=PATTERN_RATES, limit=8,
+                         batch_size=4, workers=0, out=str(out), device="cpu", diversity_images=0, patterns=True)
+    return out, run_sweep(config, loaded=tiny, show_bar=False), methods
+
+
+def test_patterns_sweep_writes_every_measure(pattern_sweep, tiny):
+    out, outcome, methods = pattern_sweep
+    rows = {(r["method"], r["keep_rate"]): r for r in outcome.rows}
+    depth, p = len(tiny.model.blocks), tiny.model.patch_embed.num_patches
+    for (method, rate), row in rows.items():
+        freq = np.asarray(row["keep_frequency"])
+        assert freq.shape == (depth, p) and row["patch_grid"] == [14, 14]
+        assert ((0 <= freq) & (freq <= 1)).all() and (np.diff(freq, axis=0) <= 1e-12).all()  # never regained
+        assert len(row["survival_depth"]) == p and len(row["cka"]) == depth
+        if rate == 1.0:
+            assert freq.min() == 1.0 and row["dense_agreement"] == 100.0 and row["dense_kl"] < 1e-8
+            assert row["cka"] == pytest.approx([1.0] * depth, abs=1e-6)
+        else:
+            assert freq[-1].mean() < 0.9 and 0 < row["dense_cosine"] <= 1
+    reduced = methods[1:]
+    later = rows[(reduced[-1], 0.7)]
+    assert set(later["agreement"]) == set(reduced[:-1])  # each pair once, in the later setting's row
+    assert later["agreement"][reduced[0]]["n"] == 8
+    saved = json.loads((out / "results.json").read_text())
+    assert all("keep_frequency" in r for r in saved["rows"])
+
+
+def test_patterns_equal_a_plain_per_image_reference(pattern_sweep, tiny):
+    """Keep frequency, IoU and NMI of two methods, and the fidelity, recomputed image by image with
+    python loops over stages and patches and sklearn, from the engine's provenance of each image alone."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from analysis.datasets import make_loader, resolve_dataset
+    from analysis.engine import run
+    from analysis.models import make_transform
+    from analysis.provenance import StageRecord
+    from analysis.sweep import build_settings
+
+    out, outcome, methods = pattern_sweep
+    files = resolve_dataset(str(SAMPLE_DIR)).subset(8)
+    images = torch.cat([b.images for b in make_loader(files, make_transform(tiny.model, None), 8, 0)])
+    settings = {(s.method, s.keep_rate): s for s in build_settings(tuple(methods), (0.7,), tiny)}
+    a, b = methods[1], methods[-1]
+    depth, p = len(tiny.model.blocks), tiny.model.patch_embed.num_patches
+
+    def per_image(method):
+        states = []
+        for i in range(len(images)):
+            result = run(tiny.model, images[i:i + 1], settings[(method, 0.7)].plan)
+            records = [StageRecord.from_stage(s, 0) for s in result.stages]
+            own, labels = [], []
+            for block in range(1, depth + 1):
+                last = [r for r in records if r.layer <= block]
+                if not last:
+                    own.append([True] * p)
+                    labels.append(list(range(p)))
+                    continue
+                r = last[-1]
+                own.append([bool(r.patch_to_token[q] >= 0 and r.token_sizes[r.patch_to_token[q]] == 1
+                                 and r.token_kinds[r.patch_to_token[q]] != "fused") for q in range(p)])
+                labels.append([int(t) for t in r.patch_to_token])
+            states.append((own, labels, result.logits))
+        return states
+
+    mine, theirs = per_image(a), per_image(b)
+    rows = {(r["method"], r["keep_rate"]): r for r in outcome.rows}
+    freq = np.mean([np.asarray(s[0], float) for s in mine], axis=0)
+    np.testing.assert_allclose(rows[(a, 0.7)]["keep_frequency"], freq, atol=1e-6)
+    survival = np.mean([[max([d + 1 for d in range(depth) if s[0][d][q]], default=0) for q in range(p)] for s in mine], axis=0)
+    np.testing.assert_allclose(rows[(a, 0.7)]["survival_depth"], survival, atol=1e-6)
+    ious, nmis = [], []
+    for (own_a, lab_a, _), (own_b, lab_b, _) in zip(mine, theirs):
+        sa, sb = set(np.flatnonzero(own_a[-1])), set(np.flatnonzero(own_b[-1]))
+        ious.append(len(sa & sb) / len(sa | sb))
+        nmis.append(normalized_mutual_info_score(lab_a[-1], lab_b[-1]))
+    entry = rows[(b, 0.7)]["agreement"][a]
+    assert entry["iou"][-1] == pytest.approx(np.mean(ious), abs=1e-6)
+    assert entry["nmi"][-1] == pytest.approx(np.mean(nmis), abs=1e-6)
+    dense = run(tiny.model, images, ReductionPlan(), track=False).logits
+    reduced = torch.cat([s[2] for s in mine])
+    agree = (dense.argmax(1) == reduced.argmax(1)).double().mean() * 100
+    assert rows[(a, 0.7)]["dense_agreement"] == pytest.approx(float(agree))
+    kl = torch.nn.functional.kl_div(reduced.double().log_softmax(1), dense.double().log_softmax(1), log_target=True,
+                                    reduction="batchmean")
+    assert rows[(a, 0.7)]["dense_kl"] == pytest.approx(float(kl), rel=1e-3, abs=1e-6)
+
+
+def test_compare_cli_writes_every_table_and_figure(pattern_sweep, tmp_path):
+    import subprocess
+    import sys
+
+    out, outcome, methods = pattern_sweep
+    done = subprocess.run([sys.executable, "-m", "analysis", "compare", str(out), "--out", str(tmp_path / "cmp")],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    names = {path.name for path in (tmp_path / "cmp").iterdir()}
+    for stem in ("fidelity", "agreement", "map_similarity", "correlation"):
+        assert {f"{stem}.csv", f"{stem}.md", f"{stem}.tex"} <= names
+    for stem in ["keep_frequency", "agreement", "map_similarity", "fidelity", "correlation"] + [f"keep_frequency_{m}" for m in methods[1:]]:
+        assert {f"{stem}.pdf", f"{stem}.svg", f"{stem}.png"} <= names, stem
+    assert "skipped" not in done.stderr
+
+
+def test_results_without_patterns_stay_readable_and_compare_says_what_to_do(tmp_path):
+    import subprocess
+    import sys
+
+    from analysis.compare import write_compare
+    from analysis.errors import FiguresError
+    from analysis.sweep import load_results
+
+    old = {"config": {"model": TINY}, "rows": [{"model": TINY, "method": "none", "keep_rate": 1.0, "top1": 80.0, "gmacs": 1.3}]}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    assert load_results(tmp_path)["rows"][0]["top1"] == 80.0
+    with pytest.raises(FiguresError, match="--patterns"):
+        write_compare(tmp_path, tmp_path / "cmp")
+    done = subprocess.run([sys.executable, "-m", "analysis", "compare", str(tmp_path), "--out", str(tmp_path / "cmp")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--patterns" in done.stderr and "Traceback" not in done.stderr
