@@ -214,15 +214,21 @@ def map_of(row: dict[str, Any], which: str = "keep_frequency", block: int | None
 def map_table(rows: Sequence[dict[str, Any]], which: str = "keep_frequency") -> list[dict[str, Any]]:
     """Per reduced keep rate and ordered pair of methods (a != b), the six map metrics between their
     maps (`which`: "keep_frequency" after the last block, or "survival_depth")."""
+    from .patterns import map_kl
+
     methods = methods_of(rows)
     out = []
     for rate in keep_rates(rows, reduced_only=True):
+        done: dict[tuple[str, str], dict[str, float]] = {}
         for a in methods:
             for b in methods:
                 ra, rb = row_at(rows, a, rate), row_at(rows, b, rate)
                 if a == b or ra is None or rb is None:
                     continue
-                metrics = map_similarity(map_of(ra, which), map_of(rb, which), grid_of(ra))
+                if (b, a) in done:  # every metric but KL is symmetric: computed once per pair (EMD is a linear programme)
+                    metrics = {**done[(b, a)], "KL": map_kl(map_of(ra, which), map_of(rb, which))}
+                else:
+                    metrics = done[(a, b)] = map_similarity(map_of(ra, which), map_of(rb, which), grid_of(ra))
                 out.append({"keep_rate": rate, "map": which, "method_a": a, "method_b": b, "label_a": label_of(rows, a),
                             "label_b": label_of(rows, b), **metrics})
     return out

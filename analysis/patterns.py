@@ -316,9 +316,13 @@ def map_sim(a: Any, b: Any) -> float:
 def map_emd(a: Any, b: Any, grid: tuple[int, int] | None = None) -> float:
     """Earth mover's distance between the two maps divided by their sums, with the Euclidean
     distance between patch centres (in patches) as the ground distance, as the benchmark's EMD
-    (which uses FastEMD on the resized maps). Computed exactly by `scipy.stats.wasserstein_distance_nd`
-    (a linear programme; POT is not a dependency). `grid`: (rows, columns); default the maps' shape."""
-    from scipy.stats import wasserstein_distance_nd
+    (which uses FastEMD on the resized maps). Solved exactly as the transportation problem with
+    `scipy.optimize.linprog` (HiGHS, sparse constraints; POT is not a dependency); the tests check it
+    against `scipy.stats.wasserstein_distance_nd`, which solves the same problem with dense
+    constraints and is about 100 times slower on a 14 x 14 grid. `grid`: (rows, columns); default
+    the maps' shape."""
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix, vstack
 
     p, q = _as_map(a), _as_map(b)
     rows, cols = grid or (p.shape if p.ndim == 2 else (1, p.size))
@@ -327,8 +331,26 @@ def map_emd(a: Any, b: Any, grid: tuple[int, int] | None = None) -> float:
         return float("nan")
     yy, xx = np.divmod(np.arange(rows * cols), cols)
     points = np.stack([yy, xx], axis=1).astype(np.float64)
-    keep_p, keep_q = p > 0, q > 0
-    return float(wasserstein_distance_nd(points[keep_p], points[keep_q], p[keep_p] / p.sum(), q[keep_q] / q.sum()))
+    # With a metric ground distance the mass the two maps share stays in place in an optimal plan
+    # (triangle inequality), so only the difference is transported: a far smaller problem, same value.
+    diff = p / p.sum() - q / q.sum()
+    keep_p, keep_q = np.flatnonzero(diff > 1e-15), np.flatnonzero(diff < -1e-15)
+    if not len(keep_p) or not len(keep_q):
+        return 0.0
+    supply, demand = diff[keep_p], -diff[keep_q]
+    demand = demand * (supply.sum() / demand.sum())  # equal totals to the last bit
+    n, m = len(keep_p), len(keep_q)
+    cost = np.linalg.norm(points[keep_p][:, None, :] - points[keep_q][None, :, :], axis=-1).ravel()
+    flat = np.arange(n * m)
+    out_rows = coo_matrix((np.ones(n * m), (flat // m, flat)), shape=(n, n * m))
+    in_rows = coo_matrix((np.ones(n * m), (flat % m, flat)), shape=(m, n * m))
+    # the last demand row follows from the others (both sides sum to 1): left out, HiGHS needs no redundancy
+    constraints = vstack([out_rows, in_rows.tocsr()[:-1]]).tocsr()
+    targets = np.concatenate([supply, demand[:-1]])
+    solved = linprog(cost, A_eq=constraints, b_eq=targets, bounds=(0, None), method="highs")
+    if not solved.success:
+        raise ValueError(f"the EMD transport problem was not solved: {solved.message}")
+    return float(solved.fun)
 
 
 def map_similarity(a: Any, b: Any, grid: tuple[int, int] | None = None) -> dict[str, float]:

@@ -55,6 +55,12 @@ def chart(fig, key: str, frame: pd.DataFrame | None = None) -> None:
                           key=f"{key}_csv")
 
 
+@st.cache_data(show_spinner="Comparing the maps…", max_entries=16)
+def cached_map_table(content_text: str, which: str) -> list[dict]:
+    """`analysis.compare.map_table` of these results (its EMDs are linear programmes: computed once)."""
+    return map_table(pattern_rows(json.loads(content_text)), which)
+
+
 @st.cache_data(show_spinner="Drawing the paper figures…", max_entries=4)
 def figures_zip(content_text: str, keep_rate: float) -> tuple[bytes, dict[str, str]]:
     with tempfile.TemporaryDirectory() as folder:
@@ -108,7 +114,7 @@ def show(content: dict) -> None:
     metric = a.selectbox("Metric", MAP_METRICS, key="compare_metric")
     which = a.radio("Map", ("keep_frequency", "survival_depth"), key="compare_which",
                     format_func=lambda w: "keep frequency (last block)" if w == "keep_frequency" else "survival depth")
-    maps = pd.DataFrame(map_table(rows, which))
+    maps = pd.DataFrame(cached_map_table(json.dumps(content, sort_keys=True), which))
     with b:
         chart(map_similarity_chart(rows, maps.to_dict("records"), rate, metric, which), "compare_map_similarity", maps)
 

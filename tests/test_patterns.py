@@ -136,6 +136,19 @@ def test_map_metrics_on_known_maps():
     assert math.isnan(patterns.map_cc(uniform, ramp))  # a constant map has no correlation
 
 
+def test_emd_equals_scipys_dense_wasserstein_solver():
+    from scipy.stats import wasserstein_distance_nd
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.divmod(np.arange(30), 6)
+    points = np.stack([yy, xx], 1).astype(float)
+    for _ in range(3):
+        a, b = rng.random((5, 6)), rng.random((5, 6))
+        a[a < 0.3] = 0.0
+        reference = wasserstein_distance_nd(points, points, a.ravel() / a.sum(), b.ravel() / b.sum())
+        assert patterns.map_emd(a, b) == pytest.approx(reference, rel=1e-7, abs=1e-9)
+
+
 def test_rank_correlations_match_scipy():
     from scipy.stats import kendalltau, spearmanr
 
