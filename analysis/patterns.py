@@ -439,7 +439,7 @@ def stage_mixing(stage: Stage, before: torch.Tensor, n_in: int) -> torch.Tensor:
 
 def rollout(attentions: Sequence[torch.Tensor], stages: Sequence[Stage] = (), *, acts: str = "inside",
             fusion: str = "mean", discard_ratio: float = 0.0, num_patches: int | None = None,
-            valid_counts: torch.Tensor | None = None) -> torch.Tensor:
+            has_cls: bool = True) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020) through a forward's reductions.
 
     R starts as the identity over [cls, patches]; each block multiplies it by its residual-corrected
@@ -456,6 +456,10 @@ def rollout(attentions: Sequence[torch.Tensor], stages: Sequence[Stage] = (), *,
             then mixes (the recorded attention is over the reduced tokens); "inside" reduces after it.
         fusion / discard_ratio: head fusion ("mean", "max", "min") and the share of lowest entries zeroed.
         num_patches: P (default: from the first attention matrix).
+        has_cls: False for a model without a class token (its view's first slot is an empty
+            placeholder): the map is then the mean of the patch tokens' rows (weighted by the patches
+            each holds). Other prefix tokens (registers, distillation) are outside the view: attention
+            flowing through them is left out.
     Returns:
         [B, P] float64: the class token's row of the rollout over the original patches, divided by its sum.
     """
@@ -492,7 +496,13 @@ def rollout(attentions: Sequence[torch.Tensor], stages: Sequence[Stage] = (), *,
         result = a @ result
         if stage is not None and not first_reduce:
             reduce(stage)
-    row = result[:, 0, 1:]
+    if has_cls:
+        row = result[:, 0, 1:]
+    else:
+        sizes = torch.zeros(batch, result.shape[1], dtype=torch.float64, device=device)
+        sizes.scatter_add_(1, p2t.clamp(min=0), (p2t >= 0).double())
+        sizes[:, 0] = 0.0
+        row = (sizes.unsqueeze(-1) * result).sum(1)[:, 1:]
     return row / row.sum(-1, keepdim=True).clamp(min=1e-300)
 
 
@@ -528,8 +538,10 @@ def image_rollout(model: torch.nn.Module, images: torch.Tensor, plan, extras: di
     spec = plan.spec()
     acts = spec.acts if spec is not None else "inside"
     num_patches = int(model.patch_embed.num_patches)
-    mine = rollout(result.attentions, result.stages, acts=acts, fusion=fusion, discard_ratio=discard_ratio, num_patches=num_patches)
-    plain = rollout(dense.attentions, (), fusion=fusion, discard_ratio=discard_ratio, num_patches=num_patches)
+    has_cls = getattr(model, "cls_token", None) is not None
+    mine = rollout(result.attentions, result.stages, acts=acts, fusion=fusion, discard_ratio=discard_ratio, num_patches=num_patches,
+                   has_cls=has_cls)
+    plain = rollout(dense.attentions, (), fusion=fusion, discard_ratio=discard_ratio, num_patches=num_patches, has_cls=has_cls)
     own, _ = block_states(result.stages, len(model.blocks), images.shape[0], num_patches, mine.device)
     kept = own[:, -1]
     return {"rollout": mine, "dense_rollout": plain, "kept": kept, "overlap": rollout_overlap(mine, kept),

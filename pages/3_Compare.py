@@ -97,7 +97,7 @@ def show(content: dict) -> None:
     groups = agreement_groups(rows)
     blocks = agreement_blocks(rows, rate, limit=12)
     if groups:
-        block = st.select_slider("After block", blocks, value=blocks[-1], key="compare_block")
+        block = st.select_slider("After block", blocks, value=blocks[-1], key="compare_block") if len(blocks) > 1 else blocks[0]
         pairs = pd.DataFrame(agreement_table(rows, block))
         columns = st.columns(len(groups))
         for column, (measure, title, chosen) in zip(columns, groups):

@@ -358,3 +358,23 @@ def test_results_without_patterns_stay_readable_and_compare_says_what_to_do(tmp_
     done = subprocess.run([sys.executable, "-m", "analysis", "compare", str(tmp_path), "--out", str(tmp_path / "cmp")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--patterns" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_main_page_draws_the_rollout_beside_the_stage_pictures():
+    from conftest import open_page
+
+    at = open_page("app.py", timeout=600)
+    toggles = [t for t in at.toggle if str(t.key).startswith("rollout_")]
+    assert toggles, "a rollout toggle for the shown method"
+    toggles[0].set_value(True)
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error
+    captions = [img.caption for element in at.get("image") for img in element.proto.imgs]
+    assert len([c for c in captions if "rollout" in c]) == 2, captions
+    overlap = [m for m in at.metric if "Overlap" in m.label]
+    assert len(overlap) == 1 and 0.0 <= float(overlap[0].value) <= 1.0
+    fusion = [s for s in at.selectbox if str(s.key).startswith("rollout_fusion_")][0]
+    fusion.set_value("max")
+    at.run()
+    assert not at.exception, at.exception
