@@ -451,11 +451,12 @@ def figure_map_similarity(rows: Sequence[dict[str, Any]], table: Sequence[dict[s
     plt = _mpl()
     methods = [m for m in methods_of(rows) if row_at(rows, m, keep_rate)]
     labels = [label_of(rows, m) for m in methods]
-    fig, axes = plt.subplots(2, 3, figsize=(2.0 * 3 + 1.5, 2.2 * 2 + 0.8), squeeze=False, layout="constrained")
+    side = max(2.4, 0.45 * len(methods) + 1.2)
+    fig, axes = plt.subplots(2, 3, figsize=(3 * side + 1.5, 2 * side + 0.8), squeeze=False, layout="constrained")
     for ax, metric in zip(axes.ravel(), MAP_METRICS):
         matrix = map_matrix(table, keep_rate, metric, methods)
         bounded = metric in ("CC", "SCC", "SIM")
-        image = _matrix_panel(ax, matrix, labels, metric + (" (row = reference)" if metric == "KL" else ""),
+        image = _matrix_panel(ax, matrix, labels, metric + (" (row = reference a in KL(a || b))" if metric == "KL" else ""),
                               -1.0 if metric in ("CC", "SCC") else (0.0 if bounded else None), 1.0 if bounded else None,
                               "viridis" if bounded else "viridis_r")
         fig.colorbar(image, ax=ax, shrink=0.8)
@@ -482,6 +483,9 @@ def figure_fidelity(rows: Sequence[dict[str, Any]], keep_rate: float):
         ax.set_ylabel(MEASURE_LABELS[key], fontsize=7)
         ax.invert_xaxis()
     axes[3].set_xlabel("block")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[3].set_ylabel(f"linear CKA to dense (keep {keep_rate:g})", fontsize=7)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(6, len(labels)), frameon=False, fontsize=7)
