@@ -398,8 +398,9 @@ def _matrix_panel(ax, matrix: np.ndarray, labels: Sequence[str], title: str, vmi
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
             if np.isfinite(matrix[i, j]):
+                r, g, b, _ = image.cmap(image.norm(matrix[i, j]))
                 ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=5,
-                        color="white" if (vmax is not None and matrix[i, j] < 0.5 * ((vmax or 1) + (vmin or 0))) else "black")
+                        color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
     return image
 
 
