@@ -263,6 +263,48 @@ def plan_caption(plan: ReductionPlan, depth: int) -> str:
     return ", ".join(parts)
 
 
+@st.cache_data(show_spinner="Rolling the attention out…", max_entries=32, hash_funcs=KEY_HASH)
+def rollout_values(key: AnalysisKey, fusion: str, discard_ratio: float, _image) -> dict[str, Any]:
+    """`analysis.patterns.image_rollout` of one image under `key.plan`, as numpy arrays and floats."""
+    from analysis.models import preprocess
+    from analysis.patterns import image_rollout
+
+    loaded = key.loaded()
+    batch = preprocess([_image], loaded.model, key.crop_pct).to(loaded.device)
+    out = image_rollout(loaded.model, batch, key.plan, loaded.extras, fusion, discard_ratio)
+    return {"rollout": out["rollout"][0].cpu().numpy(), "dense_rollout": out["dense_rollout"][0].cpu().numpy(),
+            "overlap": float(out["overlap"][0]), "dense_overlap": float(out["dense_overlap"][0]),
+            "kept": int(out["kept"][0].sum())}
+
+
+def rollout_panel(method: str, analysis: Analysis, loaded: LoadedModel, slug: str, key: AnalysisKey, image: Image.Image) -> None:
+    """Attention rollout (Abnar & Zuidema 2020) through the method's reductions beside the dense
+    rollout, and how many of the rollout's top patches the method kept (built when opened)."""
+    from analysis.patterns import HEAD_FUSIONS
+
+    if not st.toggle("Attention rollout through the reductions", key=f"rollout_{method}",
+                     help="merged or fused tokens spread over their patches, a pruned patch stops receiving"):
+        return
+    left, middle, right = st.columns(3)
+    fusion = left.selectbox("Head fusion", HEAD_FUSIONS, key=f"rollout_fusion_{method}")
+    ratio = left.slider("Discard ratio (lowest attention zeroed)", 0.0, 0.95, 0.0, 0.05, key=f"rollout_ratio_{method}")
+    plan_key = key.with_plan(analysis.plan)
+    try:
+        values = rollout_values(plan_key, fusion, float(ratio), image)
+    except TokenscopeError as err:
+        st.error(f"{err}")
+        return
+    left.metric("Overlap: kept patches among the rollout's top patches", f"{values['overlap']:.2f}",
+                help=f"share of the {values['kept']} highest-rollout patches that kept a token of their own after the last "
+                     f"block (with the dense rollout: {values['dense_overlap']:.2f})")
+    crop = model_crop(plan_key, image)
+    for column, name, title in ((middle, "rollout", f"rollout through {get_method(method).label}'s reductions"),
+                                (right, "dense_rollout", "rollout of the dense model")):
+        picture = png_bytes(labelled(attention_view(crop, values[name], loaded.grid_size, legend=False), loaded))
+        column.image(picture, caption=f"{title} ({fusion} over heads, discard {ratio:g})", width="stretch", output_format="PNG")
+        download_png(column, "PNG", picture, f"{slug}_{method}_{name}.png", f"dl_{method}_{name}")
+
+
 def method_tab(method: str, analysis: Analysis, dense: Analysis, crop: Image.Image, loaded: LoadedModel, slug: str,
                settings: Settings, key: AnalysisKey, image: Image.Image) -> None:
     spec = get_method(method)
@@ -271,6 +313,7 @@ def method_tab(method: str, analysis: Analysis, dense: Analysis, crop: Image.Ima
     st.markdown(f"**{g['gmacs']:.2f} GMACs** per image (dense {g['dense_gmacs']:.2f}, {g['reduction_pct']:.0f} % fewer) · "
                 f"tokens after the last block: {analysis.token_counts[-1]}")
     stage_panels(method, analysis, crop, loaded, slug, settings, key, image)
+    rollout_panel(method, analysis, loaded, slug, key, image)
     left, right = st.columns(2)
     suffix = " (random weights)" if loaded.is_random else ""
     left.markdown(f"**Top-5, {spec.label}**{suffix}")

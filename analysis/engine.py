@@ -36,6 +36,8 @@ class Result:
         block_outputs: per block, the [B, N_i, C] tokens leaving it (only with keep_block_outputs).
         block_sizes: per block, the [B, N_i] token sizes, 0 for padding (only with keep_block_outputs).
         plan: the plan that produced it.
+        attentions: per block the [B, H, N, N] float32 post-softmax attention the block used, in the
+            method's view [cls, patches] (only with keep_attention; for attention rollout).
     """
 
     logits: torch.Tensor
@@ -46,6 +48,7 @@ class Result:
     block_sizes: list[torch.Tensor] | None = None
     image_token_counts: torch.Tensor | None = None
     num_prefix_tokens: int = 1
+    attentions: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -148,10 +151,12 @@ def _finish(attn: torch.nn.Module, h: torch.Tensor, out: torch.Tensor) -> torch.
 
 
 def _attention(block: torch.nn.Module, h: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str],
-               transform=None, layout: Layout = Layout(1, True)):
+               transform=None, layout: Layout = Layout(1, True), record: list | None = None):
     """timm's `Attention.forward` on `h` = norm1(x), plus what a method needs from it
     (`methods.base.NEEDS`). With `transform` (a method's `transform_attention`), the attention is
     computed explicitly and the transformed probabilities are used for the output and the features.
+    With `record` (a list), the post-softmax attention the block used is appended to it, in the
+    method's view (computed on its own when the output goes through SDPA, which is unchanged).
 
     Returns (output [B, N, C], features: a dict with one entry per name in `needs`).
     """
@@ -165,6 +170,8 @@ def _attention(block: torch.nn.Module, h: torch.Tensor, bias: torch.Tensor | Non
         probs = transform(_probabilities(q, k, attn.scale, bias))
         out = probs.to(v.dtype) @ v
     features = _block_features(q, k, v, attn.scale, bias, needs, probs, layout) if needs else {}
+    if record is not None:
+        record.append(layout.view_square(probs if probs is not None else _probabilities(q, k, attn.scale, bias)))
     return _finish(attn, h, out), features
 
 
@@ -228,9 +235,9 @@ def _embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_residual(block: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[str] = frozenset(),
-                        transform=None, layout: Layout = Layout(1, True)):
+                        transform=None, layout: Layout = Layout(1, True), record: list | None = None):
     """The first half of a timm block, x + attention(norm1(x)); returns (x, features) as `_attention`."""
-    attn_out, features = _attention(block, block.norm1(x), bias, needs, transform, layout)
+    attn_out, features = _attention(block, block.norm1(x), bias, needs, transform, layout, record)
     return x + block.drop_path1(_layer_scale(block, "ls1")(attn_out)), features
 
 
@@ -261,6 +268,7 @@ def run(
     extras: dict[str, Any] | None = None,
     track: bool = True,
     keep_block_outputs: bool = False,
+    keep_attention: bool = False,
 ) -> Result:
     """Forward `images` through a timm ViT, reducing tokens as `plan` says.
 
@@ -271,6 +279,7 @@ def run(
         extras: method weights from the checkpoint (`LoadedModel.extras`).
         track: record per-stage provenance (off for benchmarks).
         keep_block_outputs: keep every block's output tokens and sizes (for the diversity score).
+        keep_attention: keep every block's post-softmax attention (`Result.attentions`; rollout).
     Returns:
         a `Result`.
     Raises:
@@ -305,6 +314,7 @@ def run(
     image_counts: list[torch.Tensor] = []
     outputs: list[torch.Tensor] | None = [] if keep_block_outputs else None
     block_sizes: list[torch.Tensor] | None = [] if keep_block_outputs else None
+    attentions: list[torch.Tensor] | None = [] if keep_attention else None
     state: dict[str, Any] = {}
     embedding = layout.to_view(x)
     grid = _patch_grid(model, num_patches)
@@ -355,12 +365,12 @@ def run(
         bias = _bias(sizes, valid, proportional, x.dtype)
         if reducing and method.acts == "attention":
             x = _attention_stage(block, x, bias, needs, stage_index, block_index, context, reduce,
-                                 lambda: _bias(sizes, valid, proportional, x.dtype), lambda: x)
+                                 lambda: _bias(sizes, valid, proportional, x.dtype), lambda: x, attentions)
         else:
             block_transform = None
             if transform is not None and (reducing or every_block):
                 block_transform = lambda probs, i=stage_index, b=block_index: method.transform_attention(probs, context(i, b, {}))  # noqa: E731
-            x, features = _attention_residual(block, x, bias, needs if reducing else frozenset(), block_transform, layout)
+            x, features = _attention_residual(block, x, bias, needs if reducing else frozenset(), block_transform, layout, attentions)
             if reducing and method.acts == "inside":
                 reduce(context(stage_index, block_index, features), features)
         x = _mlp_residual(block, x)
@@ -374,7 +384,7 @@ def run(
     logits = _head(model, x, sizes, valid, layout) if reduced else model.forward_head(x)
     return Result(logits=logits.float(), token_counts=counts, stages=stages, plan=plan, block_outputs=outputs,
                   block_sizes=block_sizes, image_token_counts=torch.stack(image_counts, dim=1).cpu(),
-                  num_prefix_tokens=layout.prefix)
+                  num_prefix_tokens=layout.prefix, attentions=attentions)
 
 
 def _patch_grid(model: torch.nn.Module, num_patches: int) -> tuple[int, int] | None:
@@ -462,7 +472,7 @@ def _attention_pool(attn_pool: torch.nn.Module, x: torch.Tensor, weights: torch.
     return out
 
 
-def _attention_stage(block, x, bias, needs, stage_index, block_index, context, reduce, new_bias, current):
+def _attention_stage(block, x, bias, needs, stage_index, block_index, context, reduce, new_bias, current, record=None):
     """A block whose method acts on the block's own attention before the tokens are reduced
     (`acts = "attention"`, MCTF's one-step-ahead attention): q, k of the unreduced tokens give the
     attention the method reads (`needs`); its assignment reduces the tokens and may hand over the
@@ -476,6 +486,7 @@ def _attention_stage(block, x, bias, needs, stage_index, block_index, context, r
     if "attention" not in needs:
         features.pop("attention")
     assignment = reduce(context(stage_index, block_index, features), features)
+    used = probs
     if assignment is None:
         v = _qkv(attn, h, "v")["v"]
         out = probs.to(v.dtype) @ v
@@ -485,9 +496,14 @@ def _attention_stage(block, x, bias, needs, stage_index, block_index, context, r
         if assignment.attention is not None:
             v = _qkv(attn, h, "v")["v"]
             out = assignment.attention.to(v.dtype) @ v
+            used = assignment.attention
         else:
             qkv = _qkv(attn, h)
             out = F.scaled_dot_product_attention(qkv["q"], qkv["k"], qkv["v"], attn_mask=new_bias())
+            if record is not None:
+                used = _probabilities(qkv["q"], qkv["k"], attn.scale, new_bias())
+    if record is not None:
+        record.append(used.float())
     return x + block.drop_path1(_layer_scale(block, "ls1")(_finish(attn, h, out)))
 
 

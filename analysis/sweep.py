@@ -100,6 +100,9 @@ class SweepConfig:
         budget_schedule: for methods with their own budget parameter (ToMe's r): "constant" (one
             value for every block) or "matched" (per block), see `Method.budget`.
         checkpoint_every: batches between partial.json saves (None: about every 256 images).
+        patterns: also the dataset-level analysis (`--patterns`, analysis/patterns.py): keep
+            frequency and survival depth per patch, agreement between methods at equal keep rate,
+            fidelity to the dense model (PatternAccumulator, AgreementAccumulator, FidelityAccumulator).
     """
 
     data: str
@@ -120,6 +123,7 @@ class SweepConfig:
     budget_schedule: str = "constant"
     diversity_images: int | None = 500
     checkpoint_every: int | None = None
+    patterns: bool = False
 
 
 def build_settings(methods: tuple[str, ...], keep_rates: tuple[float, ...], loaded: LoadedModel,
@@ -183,6 +187,8 @@ def setting_key(config: SweepConfig, setting: Setting, data_root: Path) -> str:
     layers = setting.plan.layers
     if layers is not None:
         payload["layers"] = list(layers)
+    if config.patterns:  # only then, so that the keys of earlier sweeps stay the same
+        payload["patterns"] = True
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -271,6 +277,7 @@ class SweepContext:
 
     config: SweepConfig
     files: LabelledFiles
+    shared: dict[str, Any] = field(default_factory=dict)  # what accumulators of different settings share in one run
 
 
 def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -528,9 +535,238 @@ class DiversityAccumulator(Accumulator):
                 "diversity_images": self.seen, "diversity_centre": self.centre, "diversity_size_weighted": self.size_weighted}
 
 
+def _add_lists(mine: list, other) -> list:
+    other = np.asarray(other, dtype=np.float64)
+    return other.tolist() if not len(mine) else (np.asarray(mine, dtype=np.float64) + other).tolist()
+
+
+@dataclass
+class PatternAccumulator(Accumulator):
+    """With --patterns: per block and patch, the images in which the patch still has a token of its
+    own (`patterns.block_states`), the sum of survival depths per patch, and the token kinds its
+    stages produced (how `patterns.method_family` tells merging from pruning when the method's
+    comparison rows do not). Row: `keep_frequency` [D][P], `survival_depth` [P] (means over images),
+    `patch_grid` (rows, columns), `token_kinds_seen`, `pattern_family` (declared, or "")."""
+
+    name: ClassVar[str] = "patterns"
+    own_counts: list[list[float]] = field(default_factory=list)
+    survival: list[float] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    images: int = 0
+    grid: list[int] = field(default_factory=list)
+    family: str = ""
+
+    @classmethod
+    def enabled(cls, config: SweepConfig) -> bool:
+        return config.patterns
+
+    def needs_provenance(self) -> bool:
+        return True
+
+    def update(self, obs: Observation) -> None:
+        from .patterns import block_states, kinds_seen, patch_grid, survival_depth
+
+        result, batch = obs.result, int(obs.batch.labels.numel())
+        if batch == 0:
+            return
+        depth, num_patches = len(obs.model.blocks), int(obs.model.patch_embed.num_patches)
+        own, _ = block_states(result.stages, depth, batch, num_patches)
+        self.own_counts = _add_lists(self.own_counts, own.double().sum(0).numpy())
+        self.survival = _add_lists(self.survival, survival_depth(own).sum(0).numpy())
+        self.kinds = sorted(set(self.kinds) | kinds_seen(result.stages))
+        self.images += batch
+        self.grid = list(patch_grid(obs.model))
+        self.family = _declared_family(obs.setting.method) or self.family
+
+    def merge(self, other: "PatternAccumulator") -> None:
+        if other.images:
+            self.own_counts = _add_lists(self.own_counts, other.own_counts)
+            self.survival = _add_lists(self.survival, other.survival)
+            self.kinds = sorted(set(self.kinds) | set(other.kinds))
+            self.images += other.images
+            self.grid = self.grid or other.grid
+            self.family = self.family or other.family
+
+    def row(self) -> dict[str, Any]:
+        if not self.images:
+            return {}
+        return {"keep_frequency": (np.asarray(self.own_counts) / self.images).round(6).tolist(),
+                "survival_depth": (np.asarray(self.survival) / self.images).round(6).tolist(),
+                "patch_grid": self.grid, "token_kinds_seen": self.kinds, "pattern_images": self.images,
+                "pattern_family": self.family}
+
+
+def _declared_family(method: str | None) -> str:
+    """"merging" or "pruning" when the method's comparison rows say so (a "merging" row wins), else ""."""
+    if not method or method == DENSE:
+        return ""
+    rows = {entry.row for entry in get_method(method).comparison}
+    return "merging" if "merging" in rows else "pruning" if "pruning" in rows else ""
+
+
+@dataclass
+class AgreementAccumulator(Accumulator):
+    """With --patterns: per other method at the same keep rate, and per block, the sums (and sums of
+    squares) over images of the IoU of the kept-patch sets and of the NMI, homogeneity, completeness
+    and V-measure between the patch partitions (`patterns.iou`, `patterns.partition_scores`).
+
+    The settings of one sweep run one after another on each batch; each posts its patch states on a
+    board shared by the run (`SweepContext.shared`), and a setting compares itself with those posted
+    before it on the same batch, so each pair is counted once, in the later setting's row (`agreement`:
+    {other method: {measure: [mean per block], measure_std: [...], "n": images}}; homogeneity takes
+    the other method as the true classes). A pair is counted only on batches both ran in the same
+    process (settings finished in an earlier run, or run by another process, are not compared)."""
+
+    name: ClassVar[str] = "agreement"
+    sums: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def enabled(cls, config: SweepConfig) -> bool:
+        return config.patterns
+
+    @classmethod
+    def create(cls, context: SweepContext) -> "AgreementAccumulator":
+        acc = cls()
+        acc._board = context.shared.setdefault("agreement_board", {})
+        return acc
+
+    def needs_provenance(self) -> bool:
+        return True
+
+    def update(self, obs: Observation) -> None:
+        from .patterns import block_states, iou, partition_scores
+
+        batch = int(obs.batch.labels.numel())
+        if batch == 0 or obs.setting.method == DENSE:
+            return
+        board = getattr(self, "_board", None)
+        if board is None:
+            return
+        depth, num_patches = len(obs.model.blocks), int(obs.model.patch_embed.num_patches)
+        own, labels = block_states(obs.result.stages, depth, batch, num_patches)
+        key = tuple(obs.batch.indices.tolist())
+        if board.get("key") != key:
+            board.clear()
+            board["key"], board["posted"] = key, {}
+        posted = board["posted"]
+        rate = round(obs.setting.keep_rate, 9)
+        for (method, other_rate), (other_own, other_labels) in posted.items():
+            if other_rate != rate or method == obs.setting.method:
+                continue
+            scores = {"iou": iou(own, other_own), **partition_scores(other_labels, labels)}
+            mine = self.sums.setdefault(method, {})
+            for name, value in scores.items():
+                value = value.double()
+                mine[name] = _add_lists(mine.get(name, []), value.sum(0).numpy())
+                mine[f"{name}_sq"] = _add_lists(mine.get(f"{name}_sq", []), (value ** 2).sum(0).numpy())
+            self.counts[method] = self.counts.get(method, 0) + batch
+        posted[(obs.setting.method, rate)] = (own, labels)
+
+    def merge(self, other: "AgreementAccumulator") -> None:
+        for method, sums in other.sums.items():
+            mine = self.sums.setdefault(method, {})
+            for name, value in sums.items():
+                mine[name] = _add_lists(mine.get(name, []), value)
+            self.counts[method] = self.counts.get(method, 0) + other.counts.get(method, 0)
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for method, sums in self.sums.items():
+            n = self.counts.get(method, 0)
+            if not n:
+                continue
+            entry: dict[str, Any] = {"n": n}
+            for name in ("iou", "nmi", "homogeneity", "completeness", "v_measure"):
+                mean = np.asarray(sums[name]) / n
+                std = np.sqrt(np.maximum(np.asarray(sums[f"{name}_sq"]) / n - mean ** 2, 0.0))
+                entry[name], entry[f"{name}_std"] = mean.round(6).tolist(), std.round(6).tolist()
+            out[method] = entry
+        return {"agreement": out} if out else {}
+
+
+@dataclass
+class FidelityAccumulator(Accumulator):
+    """With --patterns: how far the setting strays from the dense model on the same images (whose
+    forward runs once per batch, shared by every setting): top-1 agreement with the dense prediction,
+    the mean KL(dense || reduced) of the softmax, the mean cosine similarity of the final class-token
+    features (after the final norm), and per block the linear CKA of the class-token features from
+    the unbiased HSIC summed over minibatches (the sweep's batches; a batch below 4 images is left
+    out of the CKA). A model without a class token uses the size-weighted mean of its patch tokens."""
+
+    name: ClassVar[str] = "fidelity"
+    agree: int = 0
+    kl: float = 0.0
+    cosine: float = 0.0
+    images: int = 0
+    hsic_xy: list[float] = field(default_factory=list)
+    hsic_xx: list[float] = field(default_factory=list)
+    hsic_yy: list[float] = field(default_factory=list)
+    cka_batches: int = 0
+
+    @classmethod
+    def enabled(cls, config: SweepConfig) -> bool:
+        return config.patterns
+
+    def needs_dense(self) -> bool:
+        return True
+
+    def needs_block_outputs(self, indices: torch.Tensor) -> bool:
+        return True
+
+    def update(self, obs: Observation) -> None:
+        from .patterns import cosine, linear_cka_terms, logit_fidelity, summary_tokens
+
+        dense, result = obs.dense, obs.result
+        batch = int(obs.batch.labels.numel())
+        if dense is None or batch == 0 or result.block_outputs is None or dense.block_outputs is None:
+            return
+        logits = logit_fidelity(dense.logits, result.logits)
+        self.agree += int(logits["agree"].sum())
+        self.kl += float(logits["kl"].sum())
+        has_cls = getattr(obs.model, "cls_token", None) is not None
+        prefix = result.num_prefix_tokens
+        mine = summary_tokens(result.block_outputs, result.block_sizes, has_cls, prefix)
+        theirs = summary_tokens(dense.block_outputs, dense.block_sizes, has_cls, prefix)
+        norm = obs.model.norm
+        with torch.inference_mode():
+            final_mine = summary_tokens([norm(result.block_outputs[-1])], [result.block_sizes[-1]], has_cls, prefix)[0]
+            final_dense = summary_tokens([norm(dense.block_outputs[-1])], [dense.block_sizes[-1]], has_cls, prefix)[0]
+        self.cosine += float(cosine(final_dense, final_mine).sum())
+        self.images += batch
+        if batch >= 4:
+            terms = np.asarray([linear_cka_terms(x, y) for x, y in zip(theirs, mine)])
+            self.hsic_xy = _add_lists(self.hsic_xy, terms[:, 0])
+            self.hsic_xx = _add_lists(self.hsic_xx, terms[:, 1])
+            self.hsic_yy = _add_lists(self.hsic_yy, terms[:, 2])
+            self.cka_batches += 1
+
+    def merge(self, other: "FidelityAccumulator") -> None:
+        self.agree += other.agree
+        self.kl += other.kl
+        self.cosine += other.cosine
+        self.images += other.images
+        if other.cka_batches:
+            self.hsic_xy = _add_lists(self.hsic_xy, other.hsic_xy)
+            self.hsic_xx = _add_lists(self.hsic_xx, other.hsic_xx)
+            self.hsic_yy = _add_lists(self.hsic_yy, other.hsic_yy)
+            self.cka_batches += other.cka_batches
+
+    def row(self) -> dict[str, Any]:
+        from .patterns import cka_from_sums
+
+        if not self.images:
+            return {}
+        cka = [cka_from_sums(a, b, c) for a, b, c in zip(self.hsic_xy, self.hsic_xx, self.hsic_yy)]
+        return {"dense_agreement": 100.0 * self.agree / self.images, "dense_kl": self.kl / self.images,
+                "dense_cosine": self.cosine / self.images, "cka": cka, "cka_final": cka[-1] if cka else float("nan"),
+                "cka_batches": self.cka_batches}
+
+
 # Every setting gets one of each (in this order); a new measure is a new entry here.
 ACCUMULATORS: tuple[type[Accumulator], ...] = (AccuracyAccumulator, TimingAccumulator, TokenCountAccumulator, GMACsAccumulator,
-                                                DiversityAccumulator)
+                                                DiversityAccumulator, PatternAccumulator, AgreementAccumulator,
+                                                FidelityAccumulator)
 
 
 @dataclass

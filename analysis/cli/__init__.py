@@ -15,7 +15,7 @@ import sys
 from ..errors import CLIError, TokenscopeError  # noqa: F401  (CLIError re-exported)
 from ..registry import load_plugin
 
-COMMANDS = ("inspect", "sweep", "figures", "bench")
+COMMANDS = ("inspect", "sweep", "figures", "bench", "compare")
 
 
 class _Parser(argparse.ArgumentParser):

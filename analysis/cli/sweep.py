@@ -42,6 +42,9 @@ def add_parser(subparsers) -> None:
                         help="how a method with its own budget parameter (ToMe's r) meets each keep rate's token budget: one constant value, "
                              "or one per block (default constant)")
     parser.add_argument("--figures", default=None, metavar="DIR", help="also write the paper figures and table there (as `figures --results OUT --out DIR`)")
+    parser.add_argument("--patterns", action="store_true",
+                        help="also the dataset-level analysis: keep frequency and survival depth per patch, agreement between methods "
+                             "at equal keep rate, fidelity to the dense model (then `python -m analysis compare OUT --out DIR`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_method_param_args(parser)
     parser.set_defaults(handler=main)
@@ -56,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         keep_rates=tuple(comma_list(args.keep_rates, float, "--keep-rates", SweepError, "1.0,0.9,0.7")),
         crop_pct=args.crop_pct, limit=args.limit, batch_size=args.batch_size, workers=args.workers, out=args.out,
         diversity_centre=args.diversity_centre, diversity_size_weighted=args.diversity_size_weighted,
-        budget_schedule=args.budget_schedule, diversity_images=args.diversity_images,
+        budget_schedule=args.budget_schedule, diversity_images=args.diversity_images, patterns=args.patterns,
     )
     world = World.from_env(args.device)  # torchrun: join its process group; else one process
     try:
