@@ -232,6 +232,8 @@ def test_dispatch_arrow_opacity_is_the_squeeze_weight():
     shadow = (1 - 0.4) * plain[y, x]
     expected = (1 - 0.4) * shadow + 0.4 * np.array(ov.ARROW_COLOUR)
     np.testing.assert_allclose(picture[y, x], expected, atol=1.01)
+    # a light arrow is drawn at the floor opacity
+    assert ov.arrow_opacity(0.03) == ov.MIN_ARROW_OPACITY and ov.arrow_opacity(0.4) == 0.4 and ov.arrow_opacity(1.5) == 1.0
 
 
 def test_dispatch_figure_hover_and_opacity(tiny, photo, records):
@@ -241,7 +243,7 @@ def test_dispatch_figure_hover_and_opacity(tiny, photo, records):
     pruned = np.flatnonzero(record.patch_pruned)
     cores = [a for a in figure.layout.annotations if a.arrowcolor == "rgb(%d,%d,%d)" % ov.ARROW_COLOUR]
     assert len(cores) == len(pruned) and len(figure.layout.annotations) == 2 * len(pruned), "one shadowed arrow per pruned patch"
-    np.testing.assert_allclose(sorted(a.opacity for a in cores), np.sort(record.patch_weight[pruned]), atol=1e-6)
+    np.testing.assert_allclose(sorted(a.opacity for a in cores), np.sort(np.clip(record.patch_weight[pruned], ov.MIN_ARROW_OPACITY, 1)), atol=1e-6)
     hover = figure.data[1].text
     assert len(hover) == len(pruned)
     first = pruned[0]
@@ -281,7 +283,7 @@ def test_dispatch_figure_adds_every_arrow_in_one_layout_update(monkeypatch):
     annotations = figure.layout.annotations
     assert len(annotations) == 2 * len(arrows)
     cores = [a for a in annotations if a.arrowcolor == "rgb(%d,%d,%d)" % ov.ARROW_COLOUR]
-    np.testing.assert_allclose([a.opacity for a in cores], [w for _, _, w in arrows], atol=1e-9)
+    np.testing.assert_allclose([a.opacity for a in cores], [max(w, ov.MIN_ARROW_OPACITY) for _, _, w in arrows], atol=1e-9)
     assert [a.arrowwidth for a in annotations[:2]] == [4, 2]  # the shadow under the core
 
 

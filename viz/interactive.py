@@ -8,7 +8,8 @@ import numpy as np
 import plotly.graph_objects as go
 from PIL import Image
 
-from .overlays import (
+from .overlays import (  # noqa: I001
+    arrow_opacity,
     ARROW_COLOUR,
     ARROW_SHADOW,
     StageRecord,
@@ -51,7 +52,7 @@ def dispatch_figure(crop: Image.Image, record: StageRecord, grid: tuple[int, int
         for colour, line_width in ((ARROW_SHADOW, 4), (ARROW_COLOUR, 2)):
             arrows.append(dict(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
                                arrowhead=2, arrowsize=1, arrowwidth=line_width, arrowcolor="rgb(%d,%d,%d)" % colour,
-                               opacity=float(np.clip(weight, 0.0, 1.0)), text=""))
+                               opacity=arrow_opacity(weight), text=""))
     # one layout update for all arrows: `add_annotation` per arrow re-validates the growing list
     # (quadratic; tens of seconds for a map with hundreds of arrows, e.g. a pruned token sent to
     # several receivers)

@@ -30,7 +30,8 @@ NAN_COLOUR = (128, 128, 128)       # class attention of an already-discarded pat
 KEPT_BORDER = (235, 235, 235)      # thin outline of a single (unmerged) token
 TINT_ALPHA = 0.6                   # tint strength of a pruned patch in its host's colour
 ATTENTION_ALPHA = 0.65             # heatmap over the crop
-ARROW_COLOUR = (255, 255, 255)     # dispatch arrows; opacity = squeeze weight
+ARROW_COLOUR = (255, 255, 255)     # dispatch arrows; opacity = squeeze weight (`arrow_opacity`)
+MIN_ARROW_OPACITY = 0.2            # light arrows (GTP-ViT's graph weights, ~0.03) stay visible
 ARROW_SHADOW = (0, 0, 0)
 BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (20, 20, 20)
@@ -442,6 +443,13 @@ def _draw_arrow(draw: ImageDraw.ImageDraw, start, end, colour, alpha: int, width
                  fill=colour + (alpha,))
 
 
+def arrow_opacity(weight: float) -> float:
+    """A dispatch arrow's opacity: its weight, clipped to [MIN_ARROW_OPACITY, 1], so that arrows of
+    small weight (a pruned token spread over many receivers, e.g. over GTP-ViT's graph) stay
+    visible; the hover and the JSON give the weight itself."""
+    return float(np.clip(weight, MIN_ARROW_OPACITY, 1.0))
+
+
 def dispatch_view(crop: Image.Image, record: StageRecord, grid: tuple[int, int], *, scale: int = 2,
                   legend: bool = True, arrows: bool = True) -> Image.Image:
     """TPS dispatch map of one stage (methods.md §3): every pruned patch tinted with its host's
@@ -483,7 +491,7 @@ def dispatch_view(crop: Image.Image, record: StageRecord, grid: tuple[int, int],
     draw = ImageDraw.Draw(layer)
     centres = patch_centres(grid, patch_px)
     for patch, host, weight in (dispatch_arrows(record) if arrows else []):
-        alpha = int(round(255 * float(np.clip(weight, 0.0, 1.0))))
+        alpha = int(round(255 * arrow_opacity(weight)))
         start, end = centres[patch], hosts[host]
         _draw_arrow(draw, start, end, ARROW_SHADOW, alpha, scale + 2, 4 * scale)
         _draw_arrow(draw, start, end, ARROW_COLOUR, alpha, max(1, scale - 1), 4 * scale - 1)
@@ -494,7 +502,8 @@ def dispatch_view(crop: Image.Image, record: StageRecord, grid: tuple[int, int],
     items: list[LegendItem] = [
         (f"pruned patch ({int(pruned.sum())}), tinted as its host", PALETTE[1]),
         (f"host token ({len(hosts)}), outlined", ("outline", PALETTE[0], 3)),
-        (f"arrow opacity = squeeze weight ({w.min():.2f} … {w.max():.2f})" if w.size else "arrow opacity = squeeze weight", ("marker", "arrow")),
+        (f"arrow opacity = weight ({w.min():.2f} … {w.max():.2f}; at least {MIN_ARROW_OPACITY:g})" if w.size
+         else "arrow opacity = weight", ("marker", "arrow")),
     ]
     if (p2t < 0).any():
         items.append((f"discarded earlier ({int((p2t < 0).sum())})", DISCARDED_SWATCH))
