@@ -18,6 +18,7 @@ import pytest
 
 from analysis.registry import all_methods
 from test_app import comparison_rows_shown
+from test_patterns import pattern_sweep  # noqa: F401  (the session's --patterns sweep)
 
 METHODS = all_methods()
 
@@ -138,4 +139,23 @@ def test_every_method_in_chromium(server, browser):
     tabs = page.get_by_role("tab").all_inner_texts()
     assert [t.strip() for t in tabs] == [METHODS[name].label for name in runnable]
     assert page.locator(EXCEPTION).count() == 0
+    page.close()
+
+
+def test_compare_page_in_chromium(server, browser, pattern_sweep):  # noqa: F811
+    """The Compare page draws its charts from a `sweep --patterns` results folder typed as a path."""
+    out, _, methods = pattern_sweep
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server + "/Compare")
+    field = page.get_by_label("…or the path of a results.json (or of the sweep's --out folder)")
+    field.fill(str(out))
+    field.press("Enter")
+    charts = '[data-testid="stPlotlyChart"]'
+    page.wait_for_function(
+        f"document.querySelectorAll('{EXCEPTION}').length > 0 || document.querySelectorAll('{charts}').length >= {len(methods) + 4}",
+        timeout=LOAD_TIMEOUT_MS)
+    assert page.locator(EXCEPTION).count() == 0, page.locator(EXCEPTION).first.inner_text()
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=LOAD_TIMEOUT_MS)
+    assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+    assert page.locator(f"{charts} .js-plotly-plot").count() >= len(methods) + 4, "every chart drawn by plotly.js"
     page.close()
