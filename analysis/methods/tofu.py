@@ -31,7 +31,7 @@ from .base import (
     KIND_CODE, ComparisonEntry, Method, ParamSpec, ReduceContext, StageShape, TokenAssignment, register, token_kinds,
     weighted_rows,
 )
-from .tome import bipartite_match, matched_r_schedule, r_for_keep_rate
+from .tome import bipartite_destinations, matched_r_schedule, r_for_keep_rate
 
 RECONSTRUCTION = "Reconstruction choice (ToFu released no code, methods.md §11): "
 
@@ -132,21 +132,8 @@ def tofu_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int, prune: bool
     if r <= 0:
         return None
     device = keys.device
-    order, partner = bipartite_match(keys, protect_first=True)
-    n_a, n_b = order.shape[1], n // 2
-    src = order[:, :r]
-    unmerged = order[:, r:].sort(dim=-1).values
-    n_unmerged = n_a - r
-    dest_a = torch.empty(batch, n_a, dtype=torch.long, device=device)
-    dest_a.scatter_(1, unmerged, torch.arange(n_unmerged, device=device).expand(batch, n_unmerged))
-    if prune:
-        dest_a.scatter_(1, src, torch.full_like(src, -1))
-    else:
-        dest_a.scatter_(1, src, partner.gather(1, src) + n_unmerged)
-    dest = torch.empty(batch, n, dtype=torch.long, device=device)
-    dest[:, 0::2] = dest_a
-    dest[:, 1::2] = torch.arange(n_unmerged, n_unmerged + n_b, device=device).expand(batch, n_b)
-    n_out = n_unmerged + n_b
+    dest, unmerged, n_out = bipartite_destinations(keys, r, drop_matched=prune)
+    n_b = n // 2
     keep = dest >= 0
     sizes_out = sizes.new_zeros(batch, n_out).scatter_add_(1, dest.clamp(min=0), torch.where(keep, sizes, torch.zeros_like(sizes)))
     kinds = token_kinds(torch.where(sizes_out[:, 1:] > 1, KIND_CODE["merged"], KIND_CODE["kept"]))

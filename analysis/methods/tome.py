@@ -65,6 +65,34 @@ def bipartite_match(metric: torch.Tensor, protect_first: bool = False) -> tuple[
     return order, partner
 
 
+def bipartite_destinations(keys: torch.Tensor, r: int, drop_matched: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where every token goes under ToMe's bipartite matching with r merges (methods.md §6): the
+    unmerged A tokens (even positions, cls first) keep their order, then the B tokens (odd
+    positions); each of the r best-matched A tokens goes to its B partner, or is discarded
+    (dest -1) with `drop_matched` (a pruning-like variant of the matching).
+
+    Args:
+        keys: [B, N, d] head-averaged keys; r: 1 <= r <= (N - 1) // 2.
+    Returns:
+        (dest [B, N] long, unmerged [B, n_a - r] sorted positions among the A tokens, n_out).
+    """
+    batch, n, _ = keys.shape
+    device = keys.device
+    order, partner = bipartite_match(keys, protect_first=True)
+    n_a, n_b = order.shape[1], n // 2
+    src = order[:, :r]
+    unmerged = order[:, r:].sort(dim=-1).values
+    n_unmerged = n_a - r
+    dest_a = torch.empty(batch, n_a, dtype=torch.long, device=device)
+    dest_a.scatter_(1, unmerged, torch.arange(n_unmerged, device=device).expand(batch, n_unmerged))
+    dest_a.scatter_(1, src, torch.full_like(src, -1) if drop_matched else partner.gather(1, src) + n_unmerged)
+    dest = torch.empty(batch, n, dtype=torch.long, device=device)
+    dest[:, 0::2] = dest_a
+    dest[:, 1::2] = torch.arange(n_unmerged, n_unmerged + n_b, device=device).expand(batch, n_b)
+    return dest, unmerged, n_unmerged + n_b
+
+
 def tome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int) -> TokenAssignment | None:
     """ToMe's bipartite soft matching with a class token (methods.md §6).
 
@@ -85,19 +113,7 @@ def tome_assignment(keys: torch.Tensor, sizes: torch.Tensor, r: int) -> TokenAss
     asked, r = int(r), min(int(r), (n - 1) // 2)
     if r <= 0:
         return None
-    device = keys.device
-    order, partner = bipartite_match(keys, protect_first=True)
-    n_a, n_b = order.shape[1], n // 2
-    src = order[:, :r]
-    unmerged = order[:, r:].sort(dim=-1).values
-    n_unmerged = n_a - r
-    dest_a = torch.empty(batch, n_a, dtype=torch.long, device=device)
-    dest_a.scatter_(1, unmerged, torch.arange(n_unmerged, device=device).expand(batch, n_unmerged))
-    dest_a.scatter_(1, src, partner.gather(1, src) + n_unmerged)
-    dest = torch.empty(batch, n, dtype=torch.long, device=device)
-    dest[:, 0::2] = dest_a
-    dest[:, 1::2] = torch.arange(n_unmerged, n_unmerged + n_b, device=device).expand(batch, n_b)
-    n_out = n_unmerged + n_b
+    dest, _, n_out = bipartite_destinations(keys, r)
     sizes_out = sizes.new_zeros(batch, n_out).scatter_add_(1, dest, sizes)
     kinds = token_kinds(torch.where(sizes_out[:, 1:] > 1, KIND_CODE["merged"], KIND_CODE["kept"]))
     notes = [f"r={asked} capped at {r}: at most (N - 1) // 2 of {n} tokens merge in one block"] * batch if r < asked else None
