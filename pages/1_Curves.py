@@ -18,8 +18,8 @@ from analysis.engine import method_unavailable
 from analysis.registry import all_methods
 from analysis.errors import TokenscopeError
 from analysis.models import PAPER_CROP_PCT
-from analysis.sweep import CSV_COLUMNS, SweepConfig, load_results, run_sweep, validate_results
-from ui.shared import cached_model, default_methods, model_sidebar, weights_badge
+from analysis.sweep import CSV_COLUMNS, SweepConfig, load_results, run_sweep
+from ui.shared import cached_model, default_methods, model_sidebar, results_source, weights_badge
 from viz.charts import accuracy_vs_gmacs, accuracy_vs_keep_rate, diversity_chart, diversity_series_from_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,23 +35,7 @@ def _label(name: str) -> str:
 
 def load_source() -> dict | None:
     """Results from an upload or a path, or None (after st.info / st.error)."""
-    upload = st.file_uploader("results.json from `python -m analysis sweep`", type=["json"], key="curves_upload")
-    path = st.text_input("…or the path of a results.json (or of the sweep's --out folder)", key="curves_path")
-    try:
-        if upload is not None:
-            try:
-                content = json.loads(upload.getvalue().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                st.error(f"{upload.name} is not JSON ({err}). Upload the results.json a sweep wrote.")
-                return None
-            return validate_results(content, upload.name)
-        if path.strip():
-            return load_results(path.strip())
-    except TokenscopeError as err:
-        st.error(f"{err}")
-        return None
-    st.info("Upload a results.json or type its path; or choose “Run a sweep on a folder” above.")
-    return None
+    return results_source("curves", "results.json from `python -m analysis sweep`", "Upload a results.json or type its path; or choose “Run a sweep on a folder” above.")
 
 
 def run_source() -> dict | None:

@@ -19,29 +19,15 @@ from analysis.compare import (CORRELATED, MEASURE_LABELS, agreement_blocks, agre
 from analysis.errors import TokenscopeError
 from analysis.figures import zip_bytes
 from analysis.patterns import MAP_METRICS
-from analysis.sweep import load_results, validate_results
+
+from ui.shared import results_source
 from viz.compare_charts import (agreement_chart, cka_chart, correlation_chart, fidelity_chart, keep_frequency_maps,
                                 map_similarity_chart)
 
 
 def load_source() -> dict | None:
-    upload = st.file_uploader("results.json from `python -m analysis sweep --patterns`", type=["json"], key="compare_upload")
-    path = st.text_input("…or the path of a results.json (or of the sweep's --out folder)", key="compare_path")
-    try:
-        if upload is not None:
-            try:
-                content = json.loads(upload.getvalue().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                st.error(f"{upload.name} is not JSON ({err}). Upload the results.json a sweep wrote.")
-                return None
-            return validate_results(content, upload.name)
-        if path.strip():
-            return load_results(path.strip())
-    except TokenscopeError as err:
-        st.error(f"{err}")
-        return None
-    st.info("Upload a results.json or type its path. Run the sweep with `--patterns` to have the measures this page shows.")
-    return None
+    """Results from an upload or a path, or None (after st.info / st.error)."""
+    return results_source("compare", "results.json from `python -m analysis sweep --patterns`", "Upload a results.json or type its path. Run the sweep with `--patterns` to have the measures this page shows.")
 
 
 def chart(fig, key: str, frame: pd.DataFrame | None = None) -> None:

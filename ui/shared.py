@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,3 +234,28 @@ def image_diversity(key: AnalysisKey, centre: str, size_weighted: bool, _image) 
     Raises ValueError for an unknown centre, PlanError / TokenscopeError as `analyse_image`.
     """
     return analyse_image(key, _image).diversity(centre, size_weighted)
+
+
+def results_source(key: str, upload_label: str, hint: str) -> dict | None:
+    """A sweep's results from an upload or a typed path (`<key>_upload`, `<key>_path` widgets), or
+    None after an `st.error` saying what was wrong (not JSON, not a results file) or `st.info(hint)`
+    when nothing was given yet."""
+    from analysis.sweep import load_results, validate_results
+
+    upload = st.file_uploader(upload_label, type=["json"], key=f"{key}_upload")
+    path = st.text_input("…or the path of a results.json (or of the sweep's --out folder)", key=f"{key}_path")
+    try:
+        if upload is not None:
+            try:
+                content = json.loads(upload.getvalue().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                st.error(f"{upload.name} is not JSON ({err}). Upload the results.json a sweep wrote.")
+                return None
+            return validate_results(content, upload.name)
+        if path.strip():
+            return load_results(path.strip())
+    except TokenscopeError as err:
+        st.error(f"{err}")
+        return None
+    st.info(hint)
+    return None
