@@ -27,7 +27,7 @@ from analysis.methods.base import COMPARISON_ROWS, ParamSpec, keep_rate_counts
 from analysis.models import PAPER_CROP_PCT, LoadedModel, data_config, load_image
 from analysis.plan import ReductionPlan, parse_layers
 from analysis.registry import all_methods, get_method
-from ui.shared import KEY_HASH, AnalysisKey, analyse_image, image_diversity, model_crop, model_sidebar, weights_badge
+from ui.shared import KEY_HASH, AnalysisKey, analyse_image, draw_in_parallel, image_diversity, model_crop, model_sidebar, weights_badge
 from viz.charts import diversity_chart
 from viz.interactive import dispatch_figure, html_bytes
 from viz.overlays import (
@@ -185,20 +185,23 @@ def crop_picture(key: AnalysisKey, _image) -> bytes:
     return png_bytes(labelled(model_crop(key, _image), key.loaded()))
 
 
-# The stage pictures, drawn once per (image, plan, stage, rendering) and kept as PNG bytes, so a rerun
-# that changes something else (another widget, a diversity option) draws and encodes nothing again.
-@st.cache_data(show_spinner=False, max_entries=256, hash_funcs=KEY_HASH)
-def stage_picture(key: AnalysisKey, layer: int, merge_style: str, attention: bool, _image) -> bytes:
-    """PNG bytes of one stage's picture (`viz.overlays.stage_view`), or of its class-attention map."""
+# The stage pictures, drawn once per (image, plan, stages, rendering) and kept as PNG bytes, so a
+# rerun that changes something else (another widget, a diversity option) draws and encodes nothing again.
+@st.cache_data(show_spinner=False, max_entries=64, hash_funcs=KEY_HASH)
+def stage_pictures(key: AnalysisKey, layers: tuple[int, ...], merge_style: str, _image) -> dict[tuple[int, bool], bytes]:
+    """PNG bytes of the pictures of the stages at `layers`: (layer, False) the stage's picture
+    (`viz.overlays.stage_view`), (layer, True) its class-attention map where the stage records one;
+    drawn side by side (`ui.shared.draw_in_parallel`)."""
     loaded = key.loaded()
-    analysis = analyse_image(key, _image)
-    record = next(r for r in analysis.stages if r.layer == layer)
     crop = model_crop(key, _image)
-    if attention:
-        picture = attention_view(crop, record.cls_attention, loaded.grid_size)
-    else:
-        picture = stage_view(crop, record, loaded.grid_size, merge_style=merge_style)
-    return png_bytes(labelled(picture, loaded))
+    jobs: dict[tuple[int, bool], Any] = {}
+    for record in analyse_image(key, _image).stages:
+        if record.layer not in layers:
+            continue
+        jobs[record.layer, False] = lambda r=record: png_bytes(labelled(stage_view(crop, r, loaded.grid_size, merge_style=merge_style), loaded))
+        if record.cls_attention is not None:
+            jobs[record.layer, True] = lambda r=record: png_bytes(labelled(attention_view(crop, r.cls_attention, loaded.grid_size), loaded))
+    return dict(zip(jobs, draw_in_parallel(list(jobs.values()))))
 
 
 def predictions_table(top5: list[dict[str, Any]]) -> pd.DataFrame:
@@ -223,12 +226,13 @@ def stage_panels(method: str, analysis: Analysis, crop: Image.Image, loaded: Loa
         wanted = [layer for layer in (settings.layers or (4, 7, 10)) if layer in layers] or layers[-3:]
         shown = st.multiselect(f"Stages to show ({len(stages)} reducing blocks)", layers, default=wanted, key=f"stages_{method}")
         stages = [record for record in stages if record.layer in shown]
+    pictures = stage_pictures(key.with_plan(analysis.plan), tuple(record.layer for record in stages), settings.merge_style, image)
     per_row = 3
     for start in range(0, len(stages), per_row):
         columns = st.columns(per_row)
         for column, record in zip(columns, stages[start:start + per_row]):
             view = suggested_view(record)
-            picture = stage_picture(key.with_plan(analysis.plan), record.layer, settings.merge_style, False, image)
+            picture = pictures[record.layer, False]
             note = f" ({record.note})" if record.note else ""
             column.image(picture, caption=f"layer {record.layer}: {VIEW_NAMES[view]}, {record.n_tokens} tokens out{note}",
                          width="stretch", output_format="PNG")
@@ -241,7 +245,7 @@ def stage_panels(method: str, analysis: Analysis, crop: Image.Image, loaded: Loa
                 column.download_button("HTML", data=lambda f=figure: html_bytes(f), file_name=f"{slug}_{method}_layer{record.layer}_dispatch.html",
                                        mime="text/html", key=f"dlh_{method}_{record.layer}", on_click="ignore")
             if record.cls_attention is not None:
-                heat = stage_picture(key.with_plan(analysis.plan), record.layer, settings.merge_style, True, image)
+                heat = pictures[record.layer, True]
                 column.image(heat, caption=f"layer {record.layer}: class attention", width="stretch", output_format="PNG")
                 download_png(column, "PNG", heat, f"{slug}_{method}_layer{record.layer}_attention.png", f"dl_{method}_{record.layer}_att")
 
@@ -352,6 +356,14 @@ def comparison_section(key: AnalysisKey, image: Image.Image, crop: Image.Image, 
         if len(runnable) < 2:
             continue  # one method is no comparison
         st.subheader(heading)
+        titles = ", ".join(entry.title for _, entry in runnable)
+        # Drawn when opened: a row runs each of its methods once per setting (on DeiT-S on the CPU the
+        # three rows took 2.3 s of a 2.8 s rerun after a keep-rate move); the choice persists in the session.
+        if not st.toggle(f"draw this row ({len(runnable)} methods at the same budget)", key=f"compare_show_{row}",
+                         help=f"{titles}. Each method runs once per image and setting (cached), so with the row open a "
+                              "keep-rate or layer change costs one forward pass per method more."):
+            st.caption(f"Methods in this row: {titles}.")
+            continue
         runs = [(method, entry, analyse_image(key.with_plan(comparison_plan(method, entry, settings, depth, n0, target)), image))
                 for method, entry in runnable]
         layers = sorted({record.layer for _, _, analysis in runs for record in analysis.stages
@@ -376,7 +388,7 @@ def comparison_picture(key: AnalysisKey, row: str, layer: int, layers: tuple[int
     targets = {block: count for block, count in enumerate(target, 1)}
     runs = [(method, entry, analyse_image(key.with_plan(comparison_plan(method, entry, settings, depth, n0, target)), _image))
             for method, entry in comparison_entries(row) if method_unavailable(method, loaded.model, loaded.extras) is None]
-    panels = [Panel("(a) input", crop, f"{loaded.num_patches} patches")]
+    shown = []  # (title, stage record, caption) per method that has reduced by this layer
     counts_line = []
     for index, (method, entry, analysis) in enumerate(runs):
         # a method reducing in more blocks than the row's layers: its last stage up to this layer
@@ -386,10 +398,13 @@ def comparison_picture(key: AnalysisKey, row: str, layer: int, layers: tuple[int
         caption = f"{record.n_tokens} tokens after layer {layer}"
         if record.n_tokens != targets[layer]:
             caption += f" (budget {targets[layer]}: not met exactly)"
-        title = f"({chr(ord('b') + index)}) {entry.title}"
-        panels.append(Panel(title, stage_view(crop, record, loaded.grid_size, legend=False, merge_style=settings.merge_style), caption))
+        shown.append((f"({chr(ord('b') + index)}) {entry.title}", record, caption))
         counts_line.append(f"{entry.title.split(':')[-1].strip()}: "
                            f"{', '.join(str(analysis.token_counts[block - 1]) for block in layers)}")
+    views = draw_in_parallel([lambda r=record: stage_view(crop, r, loaded.grid_size, legend=False, merge_style=settings.merge_style)
+                              for _, record, _ in shown])
+    panels = [Panel("(a) input", crop, f"{loaded.num_patches} patches")]
+    panels += [Panel(title, view, caption) for (title, _, caption), view in zip(shown, views)]
     overrides = [f"{method.label} with {', '.join(f'{k}={v}' for k, v in entry.params)}" for method, entry, _ in runs if entry.params]
     note = (f"Tokens (cls included) after layers {', '.join(map(str, layers))}: " + "; ".join(counts_line) +
             f". Budget: keep rate {settings.keep_rate:g}, ceil(rho n) tokens per stage ({', '.join(str(targets[b]) for b in layers)}); "
@@ -439,24 +454,24 @@ def diversity_section(analyses: dict[str, Analysis], dense: Analysis, loaded: Lo
     series += [{"method": name, "label": get_method(name).label, "values": values(a),
                 "reducing_layers": list(a.plan.reducing_layers(depth))} for name, a in analyses.items()]
     title = "Token diversity r(Z) per block, this image" + (" (random weights)" if loaded.is_random else "")
-    shown, figure = diversity_figures(json.dumps(series), title, per_token)
+    series_json = json.dumps(series)
+    shown = diversity_figure(series_json, per_token)
     centre_text = "the medoid token" if centre == "medoid" else "the channel-wise median"
     st.markdown(f"**{title}** (l1 distance to {centre_text}{', per token' if per_token else ''}"
                 f"{', size-weighted' if size_weighted else ''}; methods.md §5)")
     st.plotly_chart(shown, key="diversity_chart")
-    st.download_button("HTML", data=lambda: html_bytes(figure), file_name="diversity_per_block.html", mime="text/html",
-                       key="dl_diversity", on_click="ignore")
+    # the download (the chart with its title) is built only when pressed
+    st.download_button("HTML", data=lambda: html_bytes(diversity_chart(json.loads(series_json), title=title, per_token=per_token)),
+                       file_name="diversity_per_block.html", mime="text/html", key="dl_diversity", on_click="ignore")
 
 
 # Figures are built once per data and shared as they are (never mutated): building a plotly figure
-# costs a few hundred milliseconds, most of a rerun otherwise.
+# costs tens of milliseconds, a visible part of a rerun.
 @st.cache_resource(show_spinner=False, max_entries=64)
-def diversity_figures(series_json: str, title: str, per_token: bool) -> tuple[go.Figure, go.Figure]:
-    """(the chart as shown, the same with its title for the HTML download) of the diversity series."""
-    figure = diversity_chart(json.loads(series_json), title=title, per_token=per_token)
-    # Under Streamlit's theme the chart's title and its top legend overlap: the page puts the title above.
-    shown = go.Figure(figure).update_layout(title=None, margin=dict(t=40))
-    return shown, figure
+def diversity_figure(series_json: str, per_token: bool) -> go.Figure:
+    """The diversity chart as the page shows it: under Streamlit's theme the chart's title and its top
+    legend overlap, so the page puts the title above and the chart has none."""
+    return diversity_chart(json.loads(series_json), title=None, per_token=per_token).update_layout(margin=dict(t=40))
 
 
 # --- the page ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ input tensor lives here. The reduction engine (`analysis.engine`) never loads an
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -432,9 +433,15 @@ def preprocess(images: list[Image.Image], model: torch.nn.Module, crop_pct: floa
 
 
 def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet-1k class descriptions from timm, in class-index order."""
+    """The 1000 ImageNet-1k class descriptions from timm, in class-index order (a fresh list; timm's
+    table is read once per process, which took 50 ms a call)."""
+    return list(_imagenet_labels())
+
+
+@functools.cache
+def _imagenet_labels() -> tuple[str, ...]:
     info = timm.data.ImageNetInfo()
-    return [info.index_to_description(i) for i in range(info.num_classes())]
+    return tuple(info.index_to_description(i) for i in range(info.num_classes()))
 
 
 def imagenet_wnids() -> list[str]:

@@ -61,15 +61,13 @@ def test_opens_on_a_sample_photo_with_evit(opened):
     assert any("opened on deit_tiny_patch16_224" in info.value for info in at.sidebar.info)
     captions = images(at)
     assert captions[0].startswith("input crop the model sees (224×224, 14×14 patches)")
-    # one masked view and one class-attention map per EViT stage (layers 4, 7, 10), then the comparison row
+    # one masked view and one class-attention map per EViT stage (layers 4, 7, 10); the comparison
+    # rows are drawn when opened (test_comparison_rows_are_drawn_when_opened)
     assert [c for c in captions if "masked tokens" in c] == [
         "layer 4: masked tokens, 140 tokens out", "layer 7: masked tokens, 100 tokens out", "layer 10: masked tokens, 72 tokens out"]
     assert [c for c in captions if "class attention" in c] == [f"layer {n}: class attention" for n in (4, 7, 10)]
-    rows = comparison_rows_shown()
-    assert rows >= 2
-    assert len(captions) == 1 + 3 + 3 + rows, "input crop, 3 masked views, 3 attention maps, the comparison rows"
-    assert at.select_slider(key="compare_layer_importance-diversity").value == 10
-    assert len(at.get("download_button")) == 3 + 3 + rows + 1, "every picture has a PNG download, the diversity chart HTML"
+    assert len(captions) == 1 + 3 + 3, "input crop, 3 masked views, 3 attention maps"
+    assert len(at.get("download_button")) == 3 + 3 + 1, "every picture has a PNG download, the diversity chart HTML"
     # the real weights classify the sample cat as a cat, dense and pruned alike
     tables = [frame.value for frame in at.dataframe]
     top5 = [t for t in tables if list(t.columns) == ["class", "probability"]]
@@ -81,6 +79,60 @@ def test_opens_on_a_sample_photo_with_evit(opened):
     summary = next(t for t in tables if "GMACs" in t.columns)
     assert summary.loc["EViT", "GMACs"] < summary.loc["dense", "GMACs"]
     assert summary.loc["EViT", "tokens after last block"] == 72
+
+
+def comparison_toggles(at: AppTest) -> list:
+    return [toggle for toggle in at.toggle if toggle.key.startswith("compare_show_")]
+
+
+def test_comparison_rows_are_drawn_when_opened():
+    """Each comparison row starts closed, naming its methods, and draws its picture (every method at
+    the same budget, one stage slider) once opened; closing it again removes it."""
+    at = fresh()
+    assert_clean(at)
+    rows = comparison_rows_shown()
+    assert rows >= 2
+    toggles = comparison_toggles(at)
+    assert len(toggles) == rows and not any(toggle.value for toggle in toggles)
+    named = [c.value for c in at.caption if c.value.startswith("Methods in this row:")]
+    assert named[0] == ("Methods in this row: importance-based: EViT, diversity-based: DPC-kNN, BAT (reconstructed), "
+                        "eTPS, ToMe.")
+    assert len(named) == rows and not [c for c in images(at) if c and c.startswith("(a) input")]
+    for toggle in toggles:
+        toggle.set_value(True)
+    at.run()
+    assert_clean(at)
+    captions = images(at)
+    rows_drawn = [c for c in captions if c.startswith("(a) input")]
+    assert len(captions) == 1 + 3 + 3 + rows and len(rows_drawn) == rows
+    assert rows_drawn[0] == ("(a) input · (b) importance-based: EViT · (c) diversity-based: DPC-kNN · "
+                             "(d) BAT (reconstructed) · (e) eTPS · (f) ToMe")
+    assert at.select_slider(key="compare_layer_importance-diversity").value == 10
+    assert len(at.get("download_button")) == 3 + 3 + rows + 1
+    assert not [c for c in at.caption if c.value.startswith("Methods in this row:")]
+    comparison_toggles(at)[0].set_value(False).run()
+    assert len([c for c in images(at) if c.startswith("(a) input")]) == rows - 1
+
+
+def test_a_keep_rate_move_runs_only_the_chosen_method_while_the_rows_are_closed(monkeypatch):
+    """A slider move re-runs the model once per chosen method (the dense run is cached); an open
+    comparison row adds one run per method of the row (issue 15 point 6: the page's own cost)."""
+    import ui.shared
+
+    runs: list[str] = []
+    real = ui.shared.analyse_images
+    monkeypatch.setattr(ui.shared, "analyse_images", lambda loaded, images_, plan, *a, **k: runs.append(plan.method) or
+                        real(loaded, images_, plan, *a, **k))
+    at = fresh()
+    at.sidebar.slider(key="keep_rate").set_value(0.45).run()
+    assert_clean(at)
+    assert runs[-1:] == ["evit"] and "etps" not in runs
+    runs.clear()
+    at.sidebar.slider(key="keep_rate").set_value(0.4).run()
+    assert runs == ["evit"]
+    comparison_toggles(at)[0].set_value(True).run()
+    assert_clean(at)
+    assert sorted(runs[1:]) == sorted(["evit", "dpc", "bat", "etps", "tome"])
 
 
 def test_predictor_methods_disabled_with_reason(opened):
@@ -361,3 +413,33 @@ def test_layers_are_explained_when_blank_or_unsorted():
     assert_clean(at)
     assert any("block order: 4,7,10" in c.value for c in at.sidebar.caption)
     assert [c for c in images(at) if c and c.startswith("layer ")][0].startswith("layer 4:")
+
+
+def test_pictures_drawn_side_by_side_equal_those_drawn_one_by_one(tiny):
+    """ui.shared.draw_in_parallel (the page's stage pictures and comparison panels): the same PNG
+    bytes as drawing them one after another, in job order, and a job's error is raised."""
+    from PIL import Image
+
+    from analysis.inspect import analyse_images
+    from analysis.models import crop_only_transform
+    from analysis.plan import ReductionPlan
+    from ui.shared import draw_in_parallel
+    from viz.overlays import attention_view, png_bytes, stage_view
+
+    photo = Image.open(ROOT / "assets" / "cat.jpg")
+    crop = crop_only_transform(tiny.model, None)(photo).convert("RGB")
+    jobs = []
+    for method in ("etps", "tome", "evit"):
+        analysis = analyse_images(tiny, [photo], ReductionPlan.make(method, 0.7, (4, 7, 10)), None, dense=False)[0]
+        for record in analysis.stages[:3]:
+            jobs.append(lambda r=record: png_bytes(stage_view(crop, r, tiny.grid_size)))
+            if record.cls_attention is not None:
+                jobs.append(lambda r=record: png_bytes(attention_view(crop, r.cls_attention, tiny.grid_size)))
+    assert len(jobs) >= 12
+    assert draw_in_parallel(jobs) == [job() for job in jobs]
+
+    def broken():
+        raise ValueError("a bad picture")
+
+    with pytest.raises(ValueError, match="a bad picture"):
+        draw_in_parallel([jobs[0], broken])

@@ -98,10 +98,26 @@ def wait_for_pictures(page, count: int, timeout_ms: int = LOAD_TIMEOUT_MS) -> No
     page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
 
 
+def open_comparison_rows(page) -> None:
+    """Switch on every comparison row's "draw this row" toggle, one rerun at a time."""
+    toggles = page.locator('[data-testid="stMain"] [data-testid="stCheckbox"]', has_text="draw this row")
+    count = toggles.count()
+    assert count == comparison_rows_shown()
+    for index in range(count):
+        toggles.nth(index).locator("label").click()
+        page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]') && "
+                               f"document.querySelectorAll('[data-testid=\"stSlider\"]').length >= {index + 2}",
+                               timeout=LOAD_TIMEOUT_MS)
+
+
 def test_main_job_in_chromium(server, browser):
-    """The page opens on a sample photo and shows EViT's masked tokens and attention per stage."""
+    """The page opens on a sample photo and shows EViT's masked tokens and attention per stage; the
+    comparison rows draw when opened."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(server)
+    wait_for_pictures(page, 1 + 3 + 3)
+    assert page.locator(STAGE_IMAGES).count() == 1 + 3 + 3, "the comparison rows start closed"
+    open_comparison_rows(page)
     wait_for_pictures(page, 1 + 3 + 3 + comparison_rows_shown())
     assert page.locator(EXCEPTION).count() == 0
     assert page.locator('[data-testid="stAlertContentError"]').count() == 0
@@ -130,12 +146,17 @@ def test_every_method_in_chromium(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(server + "/?" + "&".join(f"method={name}" for name in runnable))
     stage_pictures = 3 * len(runnable)
+    wait_for_pictures(page, 1 + stage_pictures, timeout_ms=2 * LOAD_TIMEOUT_MS)
+    open_comparison_rows(page)
     wait_for_pictures(page, 1 + comparison_rows_shown() + stage_pictures, timeout_ms=2 * LOAD_TIMEOUT_MS)
     captions = page.locator('[data-testid="stMain"] [data-testid="stImageCaption"]').all_inner_texts()
     stages = [c for c in captions if re.match(r"layer \d+: ", c) and "class attention" not in c]
     assert len(stages) == stage_pictures, stages
     attention = [c for c in captions if re.match(r"layer \d+: class attention", c)]
     assert len(attention) % 3 == 0 and len(attention) >= 3 * sum("cls_attention" in METHODS[n].needs for n in runnable)
+    rows = [c for c in captions if c.startswith("(a) input")]
+    assert len(rows) == comparison_rows_shown()
+    assert page.locator(STAGE_IMAGES).count() == 1 + len(stages) + len(attention) + len(rows)
     tabs = page.get_by_role("tab").all_inner_texts()
     assert [t.strip() for t in tabs] == [METHODS[name].label for name in runnable]
     assert page.locator(EXCEPTION).count() == 0

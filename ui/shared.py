@@ -5,13 +5,15 @@ modified: reduction settings travel in the `ReductionPlan` passed to each forwar
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import streamlit as st
@@ -37,6 +39,21 @@ UPLOADED = "upload:"  # the weights key of an uploaded checkpoint: "upload:<sha1
 # Models held at once (all sessions share them): a ViT-B checkpoint is about 350 MB in memory, so
 # uploads from sessions that have closed cannot pile up; an evicted model is simply loaded again.
 MODEL_CACHE_ENTRIES = 4
+
+# Pictures are drawn with numpy and PNG-encoded by PIL, which both release the GIL (PIL's text
+# rendering does not, so drawing text stays serialised): one small pool, shared by every session,
+# draws a rerun's pictures side by side (a method's 6 stage pictures: 114 -> 67 ms on 2 cores).
+_DRAWING = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="tokenscope-draw")
+T = TypeVar("T")
+
+
+def draw_in_parallel(jobs: Sequence[Callable[[], T]]) -> list[T]:
+    """Run drawing jobs on the shared pool and return their results in job order.
+
+    A job must be a plain function of its inputs (no Streamlit call: the pool's threads have no
+    script context); an exception raised in a job is raised here.
+    """
+    return [future.result() for future in [_DRAWING.submit(job) for job in jobs]]
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=MODEL_CACHE_ENTRIES)
