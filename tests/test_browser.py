@@ -105,9 +105,9 @@ def open_comparison_rows(page) -> None:
     assert count == comparison_rows_shown()
     for index in range(count):
         toggles.nth(index).locator("label").click()
-        page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]') && "
-                               f"document.querySelectorAll('[data-testid=\"stSlider\"]').length >= {index + 2}",
-                               timeout=LOAD_TIMEOUT_MS)
+        stage_sliders = page.locator('[data-testid="stMain"] [data-testid="stSlider"]', has_text="Stage (layer) to compare")
+        stage_sliders.nth(index).wait_for(timeout=LOAD_TIMEOUT_MS)  # the opened row has drawn its stage slider
+        page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=LOAD_TIMEOUT_MS)
 
 
 def test_main_job_in_chromium(server, browser):

@@ -44,10 +44,10 @@ MODEL_CACHE_ENTRIES = 4
 # rendering does not, so drawing text stays serialised): one small pool, shared by every session,
 # draws a rerun's pictures side by side (a method's 6 stage pictures: 114 -> 67 ms on 2 cores).
 _DRAWING = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="tokenscope-draw")
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
-def draw_in_parallel(jobs: Sequence[Callable[[], T]]) -> list[T]:
+def draw_in_parallel(jobs: Sequence[Callable[[], _T]]) -> list[_T]:
     """Run drawing jobs on the shared pool and return their results in job order.
 
     A job must be a plain function of its inputs (no Streamlit call: the pool's threads have no

@@ -125,7 +125,7 @@ def diversity_chart(series: Sequence[dict[str, Any]], title: str | None = "Diver
                         symbol=["diamond" if layer in reducing else "circle-open" for layer in layers], color=colour),
             hovertemplate="block %{x}<br>r(Z) %{y:.4g}<extra>%{fullData.name}</extra>",
         ))
-    # one layout update for every line (add_vline per line cost ~9 ms each, a third of the chart)
+    # all lines in one layout update: add_vline per line took 27 of the chart's 50 ms for three lines
     lines = [dict(type="line", xref="x", yref="y domain", x0=layer, x1=layer, y0=0, y1=1,
                   line=dict(color="#999999", dash="dot", width=1)) for layer in sorted(line_layers)]
     fig.update_layout(title=title, shapes=lines, **LAYOUT)

@@ -610,8 +610,9 @@ def _wrap(text: str, width: int, font) -> list[str]:
 def png_bytes(image: Image.Image) -> bytes:
     """The picture as PNG file bytes (shown in the app and handed to its download buttons).
 
-    zlib level 1: the app encodes every new picture on a slider move, and `optimize=True` took
-    about 0.24 s per stage picture (2.6 s of a 6.3 s rerun) for files only a little smaller."""
+    zlib level 1: the app encodes every new picture on a slider move. On DeiT-T's 448 px stage
+    pictures `optimize=True` took 208 ms a picture against 8 ms, for files 14 % smaller (106 against
+    123 KB; 15 pictures of EViT, eTPS and ToMe on the sample cat)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
