@@ -157,11 +157,8 @@ def test_plugin_in_the_app(tmp_path):
         assert at.sidebar.multiselect(key="methods").value == ["{NAME}"]
         tabs = [tab.label for tab in at.tabs]
         assert "Random projection (plugin example)" in tabs, tabs
-        rows = [toggle for toggle in at.toggle if toggle.key.startswith("compare_show_")]
-        assert rows, [toggle.key for toggle in at.toggle]
-        for toggle in rows:  # the comparison rows are drawn only once opened
-            toggle.set_value(True)
-        at.run()
+        from test_app import open_all_rows
+        open_all_rows(at)  # the comparison rows are drawn only once opened
         assert not at.exception, at.exception
         captions = [img.caption for element in at.get("image") for img in element.proto.imgs]
         assert sum("layer" in (c or "") for c in captions) >= 3, captions
